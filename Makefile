@@ -1,0 +1,31 @@
+# Two commands a newcomer needs: `make sweep` (the study, embedded default) and `make test`.
+# Each creates .venv and installs the project on first use; nothing by hand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SWEEP    ?= embedded
+EXECUTOR ?= local
+ARGS     ?=
+
+.PHONY: sweep test bench report install clean-results
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+sweep: $(STAMP)
+	$(VENV)/bin/fluidbench sweep $(SWEEP) --executor $(EXECUTOR) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/fluidbench bench $(ARGS)
+
+report: $(STAMP)
+	$(VENV)/bin/fluidbench report results/$(SWEEP)

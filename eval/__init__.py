@@ -1,0 +1,1 @@
+"""Measurement: validation loss, FID, GenEval, CLIP score. Reads checkpoints and sample files."""

@@ -1,0 +1,1 @@
+"""fluidbench harness: CLI, config, training, checkpoints, distributed, sweeps, reports."""

@@ -1,0 +1,8 @@
+"""CLI: `fluidbench eval` commands (eval_run)."""
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
