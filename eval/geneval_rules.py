@@ -4,6 +4,7 @@ Shared by the ShapesT2I generator (captions must be true under these rules) and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -41,3 +42,14 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float],
     if dy > 0.5:
         relations.add("below")
     return relations
+
+
+@dataclass
+class Detection:
+    """One detected object, GenEval-style: class name, score, box (x0, y0, x1, y1) and optional mask / colour."""
+
+    class_name: str
+    score: float
+    box: tuple[float, float, float, float]
+    mask: np.ndarray | None = None  # bool (H, W)
+    color: str | None = None  # set by detectors that know colours (the ShapesT2I oracle); else a classifier's job

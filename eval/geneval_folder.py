@@ -1,0 +1,72 @@
+"""GenEval's official image-folder layout: `<index:05d>/metadata.jsonl` + `<index:05d>/samples/<n>.png`.
+
+Written by every generator here (models, the ShapesT2I renderer) so that the official evaluator can also read
+our folders, and read by our scorer whatever model made the images.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from harness.atomic import write_bytes, write_text
+from harness.errors import FluidbenchError
+
+
+def load_prompts(path: str | Path) -> list[dict]:
+    """Read a GenEval-format metadata file (one JSON object per line, each with `tag`, `prompt`, `include`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FluidbenchError(f"{path}: prompt file not found (expected GenEval evaluation_metadata.jsonl format)")
+    prompts = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            meta = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FluidbenchError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for key in ("tag", "prompt", "include"):
+            if key not in meta:
+                raise FluidbenchError(f"{path}:{lineno}: missing key '{key}' (GenEval metadata schema)")
+        prompts.append(meta)
+    return prompts
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W, 3) image losslessly (never JPEG: FID and detectors see the exact pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_prompt_folder(root: str | Path, index: int, metadata: dict, images: Sequence[np.ndarray]) -> Path:
+    """Write one prompt's folder: its metadata line and its samples as 0.png, 1.png, ..."""
+    folder = Path(root) / f"{index:05d}"
+    for n, image in enumerate(images):
+        write_bytes(folder / "samples" / f"{n}.png", png_bytes(image))
+    write_text(folder / "metadata.jsonl", json.dumps(metadata) + "\n")  # last: marks the folder complete
+    return folder
+
+
+def iter_prompt_folders(root: str | Path) -> Iterator[tuple[int, dict, list[Path]]]:
+    """Yield (index, metadata, sample paths) for each complete prompt folder, in index order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FluidbenchError(f"{root}: image folder not found (expected GenEval layout <index:05d>/samples/<n>.png)")
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
+        meta_path = folder / "metadata.jsonl"
+        if not meta_path.is_file():
+            continue
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise FluidbenchError(f"{meta_path}: not valid JSON ({e.msg})") from None
+        samples = sorted((p for p in (folder / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name)),
+                         key=lambda p: int(p.stem))
+        yield int(folder.name), metadata, samples
