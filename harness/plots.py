@@ -1,0 +1,110 @@
+"""The report's figures (matplotlib, Agg backend, PNG): scaling curves with their fits, quality against size."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.scaling import PowerLawFit
+
+# One colour per variant, the same in every figure; token kind by hue, order by shade.
+COLORS = {"vq-raster": "#9ecae1", "vq-random": "#3182bd", "kl-raster": "#fdae6b", "kl-random": "#e6550d"}
+MARKERS = {"raster": "s", "random": "o"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a cluster or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(variant: str, rows: pd.DataFrame) -> dict:
+    order = rows["order"].iloc[0] if "order" in rows and len(rows) else "random"
+    return {"color": COLORS.get(variant, None), "marker": MARKERS.get(order, "o"), "label": variant}
+
+
+def _save(fig, path: Path) -> str:
+    from harness.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path.name
+
+
+def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path) -> str | None:
+    """One log-log panel per variant (losses differ in kind across token types), points and fitted law."""
+    variants = sorted(table.dropna(subset=["val_loss"])["variant"].unique())
+    if not variants:
+        return None
+    plt = _pyplot()
+    cols = min(len(variants), 2)
+    rows_n = int(np.ceil(len(variants) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
+    for ax, variant in zip(axes.flat, variants):
+        rows = table[table["variant"] == variant].dropna(subset=["params", "val_loss"]).sort_values("params")
+        style = _style(variant, rows)
+        ax.scatter(rows["params"], rows["val_loss"], color=style["color"], marker=style["marker"], zorder=3)
+        fit = fits.get(variant)
+        if fit is not None:
+            n = np.geomspace(rows["params"].min() / 1.3, rows["params"].max() * 1.3, 50)
+            offset = f" + {fit.c:.3g}" if fit.c else ""
+            ax.plot(n, fit.predict(n), color=style["color"], lw=1.5,
+                    label=f"{fit.a:.3g} N^-{fit.alpha:.3f}{offset}\nalpha 95% CI [{fit.alpha_lo:.3f}, "
+                          f"{fit.alpha_hi:.3f}]")
+            ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(variant)
+        ax.set_xlabel("parameters N")
+        ax.set_ylabel("validation loss")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(variants):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def metric_vs(table: pd.DataFrame, x: str, y: str, path: Path, *, logy: bool = False, ylabel: str = "",
+              ceilings: dict[str, float] | None = None) -> str | None:
+    """All variants on one axes: `y` against `x` (log x), optional horizontal ceilings per token kind."""
+    data = table.dropna(subset=[x, y])
+    if data.empty:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for variant, rows in sorted(data.groupby("variant")):
+        rows = rows.sort_values(x)
+        style = _style(variant, rows)
+        ax.plot(rows[x], rows[y], **style)
+    for kind, value in sorted((ceilings or {}).items()):
+        ax.axhline(value, ls="--", lw=1, color=COLORS.get(f"{kind}-random", "grey"),
+                   label=f"{kind} tokenizer ceiling")
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel({"params": "parameters N", "train_flops": "training FLOPs"}.get(x, x))
+    ax.set_ylabel(ylabel or y)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def draw_all(table: pd.DataFrame, fits: dict[str, PowerLawFit], ceilings: dict[str, dict],
+             out_dir: Path) -> dict[str, str]:
+    """Every figure of the report; returns {figure key: file name} for those with data to draw."""
+    geneval_ceilings = {k: c["overall"] for k, c in ceilings.items() if c.get("overall") is not None}
+    figures = {
+        "loss_vs_params": loss_vs_params(table, fits, out_dir / "loss_vs_params.png"),
+        "loss_vs_flops": metric_vs(table, "train_flops", "val_loss", out_dir / "loss_vs_flops.png", logy=True,
+                                   ylabel="validation loss (each variant its own)"),
+        "fid_vs_params": metric_vs(table, "params", "fid", out_dir / "fid_vs_params.png", ylabel="FID"),
+        "geneval_vs_params": metric_vs(table, "params", "geneval_overall", out_dir / "geneval_vs_params.png",
+                                       ylabel="GenEval overall", ceilings=geneval_ceilings),
+    }
+    return {k: v for k, v in figures.items() if v}

@@ -1,0 +1,99 @@
+"""The scaling fits and the report: known exponents recovered, a report rendered from a fixture table."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.report import COLUMNS, findings, fit_losses, read_table, write_report
+from harness.scaling import fit_power_law, pearson_r
+
+SIZES = {"S": 1.0e5, "M": 4.0e5, "L": 1.6e6}
+AXES = {"vq-raster": ("vq", "raster"), "vq-random": ("vq", "random"), "kl-raster": ("kl", "raster"),
+        "kl-random": ("kl", "random")}
+ALPHAS = {"vq-raster": 0.08, "vq-random": 0.10, "kl-raster": 0.12, "kl-random": 0.15}
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 0.76])
+def test_power_law_recovers_exponent_from_noisy_points(alpha):
+    rng = np.random.default_rng(0)
+    n = np.geomspace(1e5, 1e9, 6)
+    loss = 7.0 * n ** -alpha * np.exp(rng.normal(0, 0.003, n.size))
+    fit = fit_power_law(n, loss, n_boot=200)
+    assert fit.alpha == pytest.approx(alpha, rel=0.02)
+    assert fit.alpha_lo <= fit.alpha <= fit.alpha_hi
+    assert fit.r2 > 0.99
+
+
+def test_power_law_with_offset_recovers_exponent_and_floor():
+    n = np.geomspace(1e5, 1e9, 7)
+    loss = 40.0 * n ** -0.3 + 0.9
+    fit = fit_power_law(n, loss, offset=True, n_boot=50)
+    assert fit.alpha == pytest.approx(0.3, rel=0.02)
+    assert fit.c == pytest.approx(0.9, rel=0.02)
+    plain = fit_power_law(n, loss, n_boot=0)
+    assert plain.alpha < 0.2  # ignoring the floor flattens the slope: the offset option matters
+
+
+def test_power_law_needs_two_sizes():
+    with pytest.raises(ValueError, match="distinct positive sizes"):
+        fit_power_law([1e6, 1e6], [2.0, 2.1])
+
+
+def test_pearson():
+    assert pearson_r([1, 2, 3, 4], [2, 4, 6, 8.5]) > 0.99
+    assert np.isnan(pearson_r([1, 2], [3, 4]))
+
+
+def fixture_table(fid_kl_better: bool = True) -> pd.DataFrame:
+    rows = []
+    for variant, (kind, order) in AXES.items():
+        for size, n in SIZES.items():
+            scale = 3.0 if kind == "vq" else 0.3  # losses of different kinds live on different scales
+            fid = (10 if (kind == "kl") == fid_kl_better else 30) * n ** -0.05
+            geneval = 0.3 + (0.15 if order == "random" else 0) + (0.05 if kind == "kl" else 0) + 0.02 * np.log10(n)
+            row = dict(run=f"{variant}-{size}", variant=variant, size=size, token_kind=kind, order=order, params=n,
+                       train_flops=n * 6 * 64 * 400, steps=400, tokens_seen=400 * 64 * 64,
+                       val_loss=scale * n ** -ALPHAS[variant], fid=fid, geneval_overall=geneval,
+                       seconds_per_image=0.01, forward_passes_per_image=32)
+            for task in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
+                row[f"geneval_{task}"] = geneval
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_report_renders_from_fixture_table(tmp_path):
+    fixture_table().to_csv(tmp_path / "runs.csv", index=False)  # no clip_score column, like the embedded sweep
+    (tmp_path / "tokenizers" / "vq").mkdir(parents=True)
+    (tmp_path / "tokenizers" / "vq" / "ceiling.json").write_text(json.dumps({"overall": 0.93, "counting": 0.81}))
+    (tmp_path / "runs" / "kl-random-S" / "eval").mkdir(parents=True)
+    (tmp_path / "runs" / "kl-random-S" / "eval" / "samples.png").write_bytes(b"\x89PNG fake")
+    out = write_report(tmp_path, n_boot=100)
+    text = out.read_text()
+    for png in ("loss_vs_params.png", "loss_vs_flops.png", "fid_vs_params.png", "geneval_vs_params.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+        assert f"]({png})" in text
+    assert "kl-random | 0.15" in text  # the fitted alpha of each variant, in the fit table
+    assert "vq tokenizer ceiling** | 0.93" in text
+    assert "runs/kl-random-S/eval/samples.png" in text
+    assert "No values for clip_score" in text
+    table = read_table(tmp_path)
+    assert set(COLUMNS) <= set(table.columns) and table["clip_score"].isna().all()
+
+
+def test_findings_follow_the_numbers():
+    table = fixture_table()
+    fits = fit_losses(table, n_boot=50)
+    assert {v: round(f.alpha, 3) for v, f in fits.items()} == ALPHAS
+    assert [verdict for _, verdict, _ in findings(table, fits)] == ["holds"] * 5
+    flipped = findings(fixture_table(fid_kl_better=False), fits)
+    assert flipped[1][1] == "does not hold"
+
+
+def test_report_errors_name_the_file(tmp_path):
+    from harness.errors import FluidbenchError
+
+    with pytest.raises(FluidbenchError, match="runs.csv"):
+        write_report(tmp_path)
