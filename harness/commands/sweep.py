@@ -1,8 +1,63 @@
-"""CLI: `fluidbench sweep` commands."""
+"""CLI: `fluidbench sweep SPEC`: run a scaling sweep here or on Slurm, print its jobs, or its scale plan."""
 from __future__ import annotations
+
+from enum import Enum
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+class Executor(str, Enum):
+    local = "local"
+    slurm = "slurm"
+
+
+def sweep(
+    spec: str = typer.Argument(..., help="A shipped spec (embedded, fluid-paper) or a path to a YAML spec."),
+    executor: Executor = typer.Option(Executor.local, "--executor", help="local: here, one job after another; "
+                                      "slurm: submit every unfinished job through submitit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print every job with its state, resources and command; "
+                                 "run and submit nothing."),
+    plan: bool = typer.Option(False, "--plan", help="Print the scale plan (GPU-hours, memory per GPU, parallelism "
+                              "per rung) from the variants' FLOP accounting; run nothing."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: the spec's `out`)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run only the jobs whose names match this glob, e.g. "
+                                       "'train/kl-*' or 'ceiling/vq' (their dependencies must be done)."),
+) -> None:
+    """Run a sweep: data, tokenizers, every (variant, size) training run, its evaluations, then the report."""
+    from harness import sweep as sweeps
+
+    loaded = sweeps.load_spec(spec, out=out)
+    if plan:
+        from harness.scale_plan import format_plan, scale_plan
+
+        typer.echo(format_plan(loaded, scale_plan(loaded)))
+        return
+    jobs = sweeps.plan(loaded)
+    if only:
+        jobs = [j for j in jobs if fnmatch(j.name, only)]
+        if not jobs:
+            raise ValueError(f"--only {only!r}: no job matches (see --dry-run for the names)")
+    if dry_run:
+        typer.echo(sweeps.describe(loaded, jobs, executor.value))
+        return
+    if executor is Executor.slurm:
+        from harness.slurm import submit
+
+        submit(loaded, jobs)
+        return
+    status = sweeps.run_local(loaded, jobs)
+    failed = [name for name, s in status.items() if s in ("failed", "blocked")]
+    if failed:
+        typer.echo(f"{len(failed)} job(s) failed or blocked: {', '.join(failed)} (details: "
+                   f"{loaded.root / 'sweep.log.jsonl'}); run the same command again to retry them", err=True)
+        raise typer.Exit(1)
+    report = loaded.root / "report.md"
+    if report.is_file():
+        typer.echo(f"results: {loaded.root / 'runs.csv'}; report: {report}")
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("sweep")(sweep)

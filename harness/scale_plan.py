@@ -1,0 +1,127 @@
+"""The scale plan of a sweep on paper: GPU-hours, memory per GPU and parallelism per training run.
+
+Compute comes from the variants' own FLOP accounting (`Variant.train_flops_per_image`, `sampling_cost`; the
+models are built on the meta device, so 10.5B costs nothing) times batch x steps, at an assumed model FLOPs
+utilisation of the GPU's dense bf16 peak (spec `cluster`). Memory per GPU is an estimate:
+- training state: fp32 weights 4 + gradients 4 + AdamW moments 8 + EMA 4 = 20 bytes per parameter, divided by
+  the number of GPUs under FSDP2 (DDP keeps a full copy on every GPU);
+- activations per image (bf16, fused attention so no L x L scores kept): about 46 x L x width bytes per block
+  (Korthikanti et al. 2022 give 34 sbh for self-attention + MLP; cross-attention adds ~12), 34 x T x width per
+  aligner block, ~16 x width bytes per diffusion-head block for each of the L x diffusion_batch_mul token
+  copies, and fp32 logits x 2 for a categorical head; activation checkpointing keeps only block inputs;
+- the frozen text encoder in bf16 when it runs online (T5-XXL's encoder: ~4.76B parameters, 9.5 GB, and
+  ~1.2 TFLOPs per caption; pre-encoding the captions, as MAR pre-encodes latents, removes both).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.stages import run_config_values
+from harness.sweep import Spec
+
+STATE_BYTES_PER_PARAM = 20
+
+
+@dataclass
+class RunPlan:
+    """What one training run of a sweep costs on the spec's cluster."""
+
+    variant: str
+    size: str
+    params: float
+    train_flops: float           # batch x steps x train_flops_per_image
+    gpus: int
+    strategy: str
+    activation_checkpointing: bool
+    gpu_hours: float             # training, at the assumed MFU
+    wall_days: float             # gpu_hours / gpus / 24
+    mem_state_gb: float          # per GPU
+    mem_act_gb: float            # per GPU, at batch / gpus images
+    mem_total_gb: float
+    eval_gpu_hours: float        # sampling for FID, GenEval and CLIP score at the assumed sampling MFU
+
+
+def _activation_bytes(variant, checkpointing: bool) -> float:
+    """Bytes of activations kept for the backward pass, per training image (see the module docstring)."""
+    bb, L, T = variant.backbone, variant.seq_len, variant.text_len
+    W = bb.width
+    block = 46.0 * L * W + 4.0 * T * W
+    blocks = len(bb.blocks) * (2.0 * L * W) + block if checkpointing else len(bb.blocks) * block
+    aligner = len(bb.aligner) * 34.0 * T * W
+    head = variant.head
+    if head.token_kind == "kl":  # per-token MLP on L x batch_mul token copies
+        net = head.net
+        head_bytes = 16.0 * L * head.batch_mul * net.input_proj.out_features * len(net.blocks)
+    else:  # fp32 logits and their softmax
+        head_bytes = 2 * 4.0 * L * variant.vocab_size
+    return blocks + aligner + head_bytes
+
+
+def plan_run(spec: Spec, variant_name: str, size: str) -> RunPlan:
+    import torch
+
+    from variants.registry import LADDER_SHAPES, build_variant
+
+    values = run_config_values(spec, variant_name, size)
+    shapes = {k: v for k, v in LADDER_SHAPES[spec.ladder].items() if k != "text_len"}
+    options = {k.removeprefix("model.options."): v for k, v in values.items() if k.startswith("model.options.")}
+    with torch.device("meta"):
+        variant = build_variant(variant_name, size, ladder=spec.ladder, **shapes, **options)
+    cluster = spec.cluster
+    peak = float(cluster.get("peak_tflops", 989)) * 1e12
+    batch, steps = int(values.get("train.batch_size", 64)), int(values.get("train.steps", 1000))
+    text_online = float(cluster.get("text_encoder_params", 0)) if cluster.get("text_encoder_online") else 0.0
+    text_flops = 2.0 * text_online * variant.text_len  # frozen encoder: forward only
+    train_flops = variant.train_flops_per_image() * batch * steps
+    gpu_hours = (train_flops + text_flops * batch * steps) / (peak * float(cluster.get("mfu", 0.4))) / 3600
+
+    resources = spec.resources_for("train", size)
+    gpus = max(resources.nodes * resources.gpus_per_node, 1)
+    strategy = values.get("dist.strategy", "ddp")
+    checkpointing = bool(values.get("dist.activation_checkpointing", False))
+    params = variant.param_counts()["total"]
+    state = STATE_BYTES_PER_PARAM * params / (gpus if strategy == "fsdp2" else 1)
+    act = _activation_bytes(variant, checkpointing) * batch / gpus
+    frozen = 2.0 * text_online
+    eval_images = sum(int((spec.eval.get(m) or {}).get("n", 0)) for m in ("fid", "clipscore"))
+    if spec.eval.get("geneval"):
+        eval_images += 553 * int(spec.eval["geneval"].get("per_prompt", 4))  # the official prompt count
+    sampling = spec.eval.get("sampling") or {}
+    cost = variant.sampling_cost(steps=sampling.get("steps"), cfg_scale=sampling.get("cfg_scale"),
+                                 head_steps=sampling.get("head_steps"))
+    eval_hours = eval_images * (cost["flops"] + text_flops) / (peak * float(cluster.get("sample_mfu", 0.1))) / 3600
+    return RunPlan(variant=variant_name, size=size, params=params, train_flops=train_flops, gpus=gpus,
+                   strategy=strategy, activation_checkpointing=checkpointing, gpu_hours=gpu_hours,
+                   wall_days=gpu_hours / gpus / 24, mem_state_gb=state / 1e9, mem_act_gb=act / 1e9,
+                   mem_total_gb=(state + act + frozen) / 1e9 + 2.0, eval_gpu_hours=eval_hours)
+
+
+def scale_plan(spec: Spec) -> list[RunPlan]:
+    """One plan per training run of the spec."""
+    return [plan_run(spec, v, s) for v, s in spec.runs()]
+
+
+def format_plan(spec: Spec, plans: list[RunPlan]) -> str:
+    """A markdown table (docs/cluster.md is this output) and the totals."""
+    c = spec.cluster
+    lines = [f"Scale plan of `{spec.name}` on {c.get('gpu', 'GPUs')} ({c.get('peak_tflops', 989)} TFLOP/s dense "
+             f"bf16, {c.get('gpu_mem_gb', 80)} GB) at {float(c.get('mfu', 0.4)):.0%} MFU for training and "
+             f"{float(c.get('sample_mfu', 0.1)):.0%} for sampling; memory per GPU is an estimate "
+             "(harness/scale_plan.py).", "",
+             "| run | params | train FLOPs | GPUs | parallelism | GPU-hours | days | state GB/GPU | "
+             "activations GB/GPU | total GB/GPU | eval GPU-hours |", "|" + "---|" * 11]
+    limit = float(c.get("gpu_mem_gb", 80))
+    for p in plans:
+        par = p.strategy + (" + act. ckpt" if p.activation_checkpointing else "")
+        flag = " (over!)" if p.mem_total_gb > limit else ""
+        lines.append(f"| {p.variant} {p.size} | {p.params / 1e9:.2f}B | {p.train_flops:.2e} | {p.gpus} | {par} | "
+                     f"{p.gpu_hours:,.0f} | {p.wall_days:.1f} | {p.mem_state_gb:.1f} | {p.mem_act_gb:.1f} | "
+                     f"{p.mem_total_gb:.1f}{flag} | {p.eval_gpu_hours:,.1f} |")
+    total = sum(p.gpu_hours for p in plans)
+    evals = sum(p.eval_gpu_hours for p in plans)
+    lines += ["", f"Total: {total:,.0f} GPU-hours of training and {evals:,.0f} of evaluation sampling for "
+              f"{len(plans)} runs."]
+    if c.get("text_encoder_online"):
+        lines.append(f"Includes the frozen text encoder run online ({float(c.get('text_encoder_params', 0)) / 1e9:.2f}B "
+                     "parameters, forward only); pre-encoded captions would remove that share.")
+    return "\n".join(lines)

@@ -1,0 +1,378 @@
+"""Sweeps: a spec (variants x sizes, data, tokenizers, evaluation, resources) -> a plan of jobs -> an executor.
+
+A spec is a YAML file: the shipped ones live in harness/specs/ (`embedded`, `fluid-paper`), any other path works
+too. `plan(spec)` turns it into an ordered list of `Job`s (data, tokenizers, Shapes-FID features, tokenizer
+ceilings, one training job per (variant, size), its evaluations, the report), each naming the stage function
+(harness/stages.py) that does the work, the files that prove it done, the jobs it waits for and the resources
+it needs on a cluster. Executors: `run_local` runs the jobs one after another in this process;
+harness/slurm.py submits them through submitit with Slurm dependencies.
+
+Idempotent: a job whose outputs exist and whose stamp (SWEEP/.stages/<job>.json, written when it finishes)
+carries the same settings key is skipped; a training job that did not finish resumes from its run's latest
+checkpoint (the trainer does that by itself); so killing a sweep and starting it again loses no finished work.
+A job whose settings changed since it ran is an error naming the folder to delete, never a silent mix.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.atomic import append_jsonl, read_jsonl, write_json
+from harness.errors import FluidbenchError
+
+SPECS_DIR = Path(__file__).parent / "specs"
+TOKEN_KINDS = ("vq", "kl")
+
+
+# ------------------------------------------------------------------------------------------------------ spec
+@dataclass
+class Resources:
+    """What one Slurm job asks for (ignored by the local executor)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8          # per process; one process (srun task) per GPU
+    mem_gb: int = 64                # per node
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+
+    @property
+    def tasks_per_node(self) -> int:
+        return max(self.gpus_per_node, 1)
+
+
+@dataclass
+class Spec:
+    """A sweep: what to train, on what, how to evaluate it, with what resources. Fields mirror the YAML."""
+
+    name: str
+    out: str                                        # the sweep folder (results/<name>)
+    data: dict                                      # kind, path | shapes: {seed, train, val, size}
+    tokenizers: dict[str, dict]                     # kind -> {path: DIR} | {train: {option: value}}
+    text: dict                                      # RunConfig `text` section: encoder, path, max_length
+    ladder: str                                     # cpu | paper
+    variants: list[str]
+    sizes: list[str]
+    extra_runs: list[dict] = field(default_factory=list)   # [{variant, size}] beyond the grid
+    run: dict = field(default_factory=dict)         # RunConfig values for every run (nested or dotted keys)
+    per_size: dict[str, dict] = field(default_factory=dict)   # size -> RunConfig values over `run`
+    features: dict = field(default_factory=dict)    # Shapes-FID extractor training options
+    eval: dict = field(default_factory=dict)        # fid, geneval, clipscore, grid, sampling
+    resources: dict = field(default_factory=dict)   # default, prep, train (per size), eval, report
+    cluster: dict = field(default_factory=dict)     # GPU model numbers for the scale plan
+    note: str = ""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out)
+
+    def data_dir(self) -> Path:
+        return Path(self.data["path"]) if self.data.get("path") else self.root / "data"
+
+    def tokenizer_dir(self, kind: str) -> Path:
+        tok = self.tokenizers[kind]
+        return Path(tok["path"]) if tok.get("path") else self.root / "tokenizers" / kind
+
+    def run_dir(self, variant: str, size: str) -> Path:
+        return self.root / "runs" / f"{variant}-{size}"
+
+    def runs(self) -> list[tuple[str, str]]:
+        """(variant, size) of every training run: the grid, then the extra runs."""
+        grid = [(v, s) for v in self.variants for s in self.sizes]
+        extra = [(r["variant"], r["size"]) for r in self.extra_runs]
+        return grid + [r for r in extra if r not in grid]
+
+    def run_values(self, size: str) -> dict:
+        """The spec's RunConfig values for one rung: `run`, then `per_size[size]`."""
+        return {**_flatten(self.run), **_flatten(self.per_size.get(size, {}))}
+
+    def resources_for(self, kind: str, size: str | None = None) -> Resources:
+        """Resources of a job kind (prep, train, eval, report), per size for training when the spec says so."""
+        section = self.resources.get(kind, {})
+        if kind == "train" and size is not None:
+            section = {**section.get("default", {}), **section.get(size, {})}
+        return _resources({**self.resources.get("default", {}), **section}, f"resources.{kind}")
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """Nested RunConfig values -> dotted keys (model.options stays a mapping below its own keys)."""
+    out = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and not dotted.startswith("model.options."):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _resources(values: dict, where: str) -> Resources:
+    known = set(Resources.__dataclass_fields__)
+    unknown = set(values) - known
+    if unknown:
+        raise FluidbenchError(f"sweep spec {where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(known))})")
+    return Resources(**values)
+
+
+def spec_path(name_or_path: str | Path) -> Path:
+    """A shipped spec name (harness/specs/<name>.yaml) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FluidbenchError(f"sweep spec {path} not found")
+        return path
+    shipped = SPECS_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
+        raise FluidbenchError(f"unknown sweep {str(name_or_path)!r}: expected one of {names} or a path to a YAML spec")
+    return shipped
+
+
+def load_spec(name_or_path: str | Path, out: str | Path | None = None) -> Spec:
+    """Read and check a spec; `out` overrides its output folder."""
+    import yaml
+
+    path = spec_path(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FluidbenchError(f"sweep spec {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict):
+        raise FluidbenchError(f"sweep spec {path}: expected a mapping at the top level")
+    known = set(Spec.__dataclass_fields__)
+    for key in values:
+        if key not in known:
+            raise FluidbenchError(f"sweep spec {path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    values.setdefault("out", f"results/{values.get('name', path.stem)}")
+    for key in ("name", "data", "tokenizers", "text", "ladder", "variants", "sizes"):
+        if key not in values:
+            raise FluidbenchError(f"sweep spec {path}: missing key {key!r}")
+    spec = Spec(**values)
+    if out is not None:
+        spec.out = str(out)
+    check_spec(spec, str(path))
+    return spec
+
+
+def check_spec(spec: Spec, where: str) -> None:
+    """Fail before any work on names the registry or the ladder do not know, or a missing tokenizer."""
+    from variants.registry import LADDERS, VARIANTS
+
+    if spec.ladder not in LADDERS:
+        raise FluidbenchError(f"sweep spec {where}: ladder {spec.ladder!r} unknown (expected one of {', '.join(LADDERS)})")
+    rungs = [r.name for r in LADDERS[spec.ladder]]
+    for variant, size in spec.runs():
+        if variant not in VARIANTS:
+            raise FluidbenchError(f"sweep spec {where}: variant {variant!r} unknown (expected one of {', '.join(VARIANTS)})")
+        if size not in rungs:
+            raise FluidbenchError(f"sweep spec {where}: size {size!r} not in the {spec.ladder} ladder ({', '.join(rungs)})")
+        kind = token_kind(variant)
+        if kind not in spec.tokenizers:
+            raise FluidbenchError(f"sweep spec {where}: tokenizers.{kind} missing (needed by {variant})")
+    for kind, tok in spec.tokenizers.items():
+        if kind not in TOKEN_KINDS or not isinstance(tok, dict) or not ({"path", "train"} & set(tok)):
+            raise FluidbenchError(f"sweep spec {where}: tokenizers.{kind}: expected vq|kl with `path: DIR` or `train: {{...}}`")
+    if not spec.data.get("path") and "shapes" not in spec.data:
+        raise FluidbenchError(f"sweep spec {where}: data needs `path: DIR` or `shapes: {{...}}` to generate ShapesT2I")
+    for size in spec.per_size:
+        if size not in rungs:
+            raise FluidbenchError(f"sweep spec {where}: per_size.{size}: not in the {spec.ladder} ladder ({', '.join(rungs)})")
+
+
+def token_kind(variant: str) -> str:
+    """The token kind ("vq" | "kl") a variant consumes, from the registry (the harness never parses names)."""
+    from variants.registry import VARIANTS
+
+    return VARIANTS[variant][1].token_kind
+
+
+# ------------------------------------------------------------------------------------------------------ plan
+@dataclass
+class Job:
+    """One unit of work: a stage function with its arguments, the files that prove it done, what it waits for."""
+
+    name: str                        # unique, path-like: "train/kl-random-S", "eval/fid/kl-random-S"
+    stage: str                       # function name in harness/stages.py
+    args: dict                       # keyword arguments of the stage (plain JSON values)
+    outputs: list[str]               # files; all present (+ a matching stamp) = done
+    deps: list[str] = field(default_factory=list)
+    resources: Resources = field(default_factory=Resources)
+    command: str = ""                # the equivalent fluidbench command line, for people and --dry-run
+    key: str = ""                    # hash of everything that decides the result
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan(spec: Spec) -> list[Job]:
+    """Every job of the sweep in an order that respects the dependencies."""
+    from harness import stages
+
+    jobs = stages.plan_jobs(spec)
+    for job in jobs:
+        job.key = job.key or _key(job.stage, job.args)
+    names = set()
+    for job in jobs:
+        missing = [d for d in job.deps if d not in names]
+        if missing:
+            raise AssertionError(f"job {job.name} planned before its dependency {missing[0]}")
+        names.add(job.name)
+    return jobs
+
+
+# -------------------------------------------------------------------------------------------- bookkeeping
+def stamp_path(spec: Spec, job: Job) -> Path:
+    return spec.root / ".stages" / f"{job.name.replace('/', '__')}.json"
+
+
+def is_done(spec: Spec, job: Job) -> bool:
+    """Outputs present and the stamp (if any) written for the same settings; stale settings are an error."""
+    if not all(Path(o).exists() for o in job.outputs):
+        return False
+    stamp = stamp_path(spec, job)
+    if stamp.is_file():
+        recorded = json.loads(stamp.read_text()).get("key")
+        if recorded != job.key:
+            where = Path(job.outputs[0]).parent
+            raise FluidbenchError(f"sweep job {job.name} finished earlier with other settings (stamp {stamp}); "
+                                  f"delete {where} and {stamp} to redo it, or give the sweep another `out`")
+    return True
+
+
+def log_event(spec: Spec, event: str, job: str, **extra: Any) -> None:
+    """One line per job event in SWEEP/sweep.log.jsonl: what ran, what was skipped, how long it took."""
+    spec.root.mkdir(parents=True, exist_ok=True)
+    append_jsonl(spec.root / "sweep.log.jsonl", {"time": time.time(), "event": event, "job": job, **extra})
+
+
+def read_log(spec: Spec) -> list[dict]:
+    path = spec.root / "sweep.log.jsonl"
+    return read_jsonl(path) if path.is_file() else []
+
+
+def run_job(spec: Spec, job: Job) -> None:
+    """Run one job's stage in this process and stamp it done (the same call on a laptop or a Slurm node)."""
+    from harness import stages
+
+    t0 = time.time()
+    getattr(stages, job.stage)(spec, **job.args)
+    missing = [o for o in job.outputs if not Path(o).exists()]
+    if missing:
+        raise FluidbenchError(f"sweep job {job.name} stopped without writing {missing[0]} (interrupted? run the "
+                              "sweep again to resume)")
+    stamp(spec, job, time.time() - t0)
+
+
+def stamp(spec: Spec, job: Job, seconds: float) -> None:
+    """Record that `job` finished with its current settings key."""
+    write_json(stamp_path(spec, job), {"job": job.name, "key": job.key, "seconds": round(seconds, 1),
+                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def write_snapshot(spec: Spec) -> None:
+    """SWEEP/sweep.json: the resolved spec the results came from (the report reads its name and note)."""
+    write_json(spec.root / "sweep.json", asdict(spec))
+
+
+# --------------------------------------------------------------------------------------------- executors
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_local(spec: Spec, jobs: list[Job] | None = None, only: Callable[[Job], bool] | None = None,
+              keep_going: bool = True) -> dict[str, str]:
+    """Run the jobs one after another in this process; returns {job: "skipped" | "done" | "failed" | "blocked"}.
+
+    A failed job blocks the jobs that wait for it and the sweep goes on with the others (`keep_going`), so one
+    diverging run does not cost the rest; the report is drawn from whatever finished.
+    """
+    jobs = plan(spec) if jobs is None else jobs
+    write_snapshot(spec)
+    status: dict[str, str] = {}
+    ran: set[str] = set()
+    t_start = time.time()
+    selected = [j for j in jobs if only is None or only(j)]
+    for i, job in enumerate(selected, 1):
+        prefix = f"[sweep {spec.name} {i}/{len(selected)} {_clock(time.time() - t_start)}] {job.name}"
+        blocked = [d for d in job.deps if status.get(d) in ("failed", "blocked")]
+        if blocked and job.stage != "report":
+            status[job.name] = "blocked"
+            _say(f"{prefix}: blocked by failed {blocked[0]}")
+            log_event(spec, "blocked", job.name, by=blocked[0])
+            continue
+        # a job is redone when something it reads was redone in this invocation (the report, mostly)
+        if not (set(job.deps) & ran) and is_done(spec, job):
+            status[job.name] = "skipped"
+            _say(f"{prefix}: done already, skipped")
+            log_event(spec, "skip", job.name)
+            continue
+        _say(f"{prefix}: running  ({job.command})")
+        log_event(spec, "start", job.name)
+        t0 = time.time()
+        try:
+            run_job(spec, job)
+        except KeyboardInterrupt:
+            log_event(spec, "interrupted", job.name)
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded, reported, and the sweep goes on
+            if not keep_going:
+                raise
+            status[job.name] = "failed"
+            message = " ".join(str(e).split()) or type(e).__name__
+            _say(f"{prefix}: FAILED after {time.time() - t0:.0f}s: {type(e).__name__}: {message}")
+            log_event(spec, "failed", job.name, error=f"{type(e).__name__}: {message}")
+            continue
+        status[job.name] = "done"
+        ran.add(job.name)
+        _say(f"{prefix}: done in {time.time() - t0:.0f}s")
+        log_event(spec, "done", job.name, seconds=round(time.time() - t0, 1))
+    _say(f"[sweep {spec.name}] finished in {_clock(time.time() - t_start)}: "
+         + ", ".join(f"{n} {s}" for s, n in _count(status).items()))
+    return status
+
+
+def _count(status: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in status.values():
+        out[s] = out.get(s, 0) + 1
+    return out
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
+
+
+def describe(spec: Spec, jobs: list[Job], executor: str) -> str:
+    """The dry run: every job with its state, resources (Slurm) and command."""
+    lines = [f"sweep {spec.name}: {len(jobs)} jobs, {sum(j.stage == 'train_run' for j in jobs)} training runs, "
+             f"out {spec.root}, executor {executor}"]
+    for job in jobs:
+        state = "done" if is_done(spec, job) else "todo"
+        r = job.resources
+        where = (f"{r.nodes} node(s) x {r.gpus_per_node} GPU, {r.tasks_per_node} task(s)/node, "
+                 f"{r.cpus_per_task} cpu/task, {r.mem_gb} GB, {r.time_min} min"
+                 + (f", partition {r.partition}" if r.partition else ""))
+        lines.append(f"{job.name}  [{state}]")
+        lines.append(f"    resources: {where if executor == 'slurm' else 'this machine, in this process'}")
+        if job.deps:
+            kind = "afterany" if job.stage == "make_report" else "afterok"
+            lines.append(f"    after:     {', '.join(job.deps)} ({kind})")
+        lines.append(f"    command:   {job.command}")
+    return "\n".join(lines)
+
+
+def copy_spec(spec: Spec) -> Spec:
+    return copy.deepcopy(spec)

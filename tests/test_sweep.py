@@ -1,0 +1,123 @@
+"""Sweeps: the fluid-paper plan and its dry run, Slurm job construction and requeue, bookkeeping, and a micro
+sweep end to end under the local executor (run twice: the second does no work)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.errors import FluidbenchError
+from harness.sweep import is_done, load_spec, plan, stamp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fluid_paper_plan_has_21_training_runs_each_with_its_evaluations(tmp_path):
+    spec = load_spec("fluid-paper", out=tmp_path / "paper")
+    jobs = plan(spec)
+    train = [j for j in jobs if j.stage == "train_run"]
+    assert len(train) == 4 * 5 + 1
+    assert {j.name for j in train} >= {"train/kl-random-10.5B", "train/vq-raster-166M", "train/kl-raster-3.1B"}
+    assert "train/vq-raster-10.5B" not in {j.name for j in train}
+    for job in train:
+        run = job.name.removeprefix("train/")
+        for metric in ("fid", "geneval", "clipscore", "grid"):
+            ev = next(j for j in jobs if j.name == f"eval/{metric}/{run}")
+            assert job.name in ev.deps
+    report = jobs[-1]
+    assert report.stage == "make_report" and len(report.deps) == 21 * 5
+    # published tokenizers and data paths: nothing to prepare but the runs
+    assert not [j for j in jobs if j.stage in ("make_data", "train_tokenizer")]
+
+
+def test_fluid_paper_resources_and_slurm_parameters(tmp_path):
+    from harness.slurm import executor_parameters
+
+    spec = load_spec("fluid-paper", out=tmp_path / "paper")
+    jobs = {j.name: j for j in plan(spec)}
+    big = executor_parameters(spec, jobs["train/kl-random-10.5B"])
+    assert big["nodes"] == 32 and big["gpus_per_node"] == 8 and big["tasks_per_node"] == 8  # one task per GPU
+    assert big["slurm_max_num_timeout"] >= 10 and big["slurm_signal_delay_s"] > 0
+    small = executor_parameters(spec, jobs["eval/fid/vq-raster-166M"])
+    assert small["nodes"] == 1 and small["tasks_per_node"] == 1
+    values = jobs["train/kl-random-3.1B"].args["values"]
+    assert values["dist.strategy"] == "fsdp2" and values["train.batch_size"] == 2048
+    assert values["model.ladder"] == "paper" and values["text.encoder"] == "t5"
+
+
+def test_dry_run_prints_every_job_without_submitit(tmp_path):
+    """The dry run must work where submitit is not installed: block its import in a fresh interpreter."""
+    code = ("import sys; sys.modules['submitit'] = None; from harness.cli import main; "
+            f"main(['sweep', 'fluid-paper', '--executor', 'slurm', '--dry-run', '--out', {str(tmp_path)!r}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "21 training runs" in text
+    assert text.count("command:   fluidbench train ") == 21
+    assert text.count("\neval/geneval/") == 21 and text.count("\neval/fid/") == 21
+    assert "32 node(s) x 8 GPU, 8 task(s)/node" in text
+    assert "after:     train/kl-random-10.5B (afterok)" in text
+    assert not (tmp_path / "slurm_jobs.json").exists()  # nothing submitted
+
+
+def test_unknown_spec_and_bad_keys_are_one_line_errors(tmp_path):
+    with pytest.raises(FluidbenchError, match="unknown sweep 'nope'.*embedded"):
+        load_spec("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "harness/specs/embedded.yaml").read_text().replace("sizes: [", "sizes: [cpu-huge, "))
+    with pytest.raises(FluidbenchError, match="size 'cpu-huge' not in the cpu ladder"):
+        load_spec(bad)
+    bad.write_text("name: x\nvariants: [vq-raster]\nfrobnicate: 1\n")
+    with pytest.raises(FluidbenchError, match="unknown key 'frobnicate'"):
+        load_spec(bad)
+
+
+def test_stamp_with_other_settings_is_an_error_not_a_silent_skip(tmp_path):
+    spec = load_spec("embedded", out=tmp_path / "e")
+    job = next(j for j in plan(spec) if j.name == "features")
+    assert not is_done(spec, job)
+    Path(job.outputs[0]).parent.mkdir(parents=True)
+    Path(job.outputs[0]).write_text("{}")
+    assert is_done(spec, job)  # outputs made by hand (no stamp) count
+    stamp(spec, job, 1.0)
+    assert is_done(spec, job)
+    job.key = "another-key"
+    with pytest.raises(FluidbenchError, match="other settings"):
+        is_done(spec, job)
+
+
+def test_slurm_training_job_saves_on_preemption_then_requeues(tmp_path, monkeypatch):
+    """USR2 (Slurm's warning) reaches the trainer as SIGTERM; the job then hands over to submitit's requeue."""
+    from harness import stages
+    from harness.slurm import SweepJob
+
+    spec = load_spec("embedded", out=tmp_path / "e")
+    events = []
+
+    def fake_train_run(spec, values):  # the trainer: saves and returns on SIGTERM, no summary.json
+        def on_term(signum, frame):
+            events.append("trainer saved")
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def submitit_requeue(signum, frame):  # stands in for submitit's checkpoint-and-requeue handler
+        events.append("requeued")
+
+    monkeypatch.setattr(stages, "train_run", fake_train_run)
+    previous = signal.signal(signal.SIGUSR2, submitit_requeue)
+    try:
+        assert SweepJob(spec, "train/kl-random-cpu-xs")() == "interrupted"
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert events == ["trainer saved", "requeued"]
+    resubmitted = SweepJob(spec, "train/kl-random-cpu-xs").checkpoint()
+    assert resubmitted.function.job_name == "train/kl-random-cpu-xs"
