@@ -1,8 +1,46 @@
-"""CLI: `fluidbench eval` commands (eval_geneval)."""
+"""CLI: `fluidbench eval geneval-score`: score an image folder in GenEval's official layout, whatever made it."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 
+def geneval_score(
+    images: Annotated[Path, typer.Option("--images", help="Folder in GenEval's layout: <index:05d>/metadata.jsonl "
+                                         "and <index:05d>/samples/<n>.png.")],
+    detector: Annotated[str, typer.Option(help="shapes-oracle (ShapesT2I), hf-mask2former (transformers; not "
+                                          "comparable to published GenEval) or mmdet (GenEval's own).")] = "mmdet",
+    detector_path: Annotated[Optional[Path], typer.Option(help="Local detector weights: the hf-mask2former folder "
+                                                          "or the folder holding GenEval's mmdet checkpoint.")] = None,
+    clip_path: Annotated[Optional[Path], typer.Option(help="Local CLIP ViT-L/14 (OpenAI) weights for colour clauses; "
+                                                      "default: open_clip's cache.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per detector call.")] = 8,
+) -> None:
+    """Score an existing GenEval image folder; write DIR/results.jsonl and DIR/summary.json."""
+    import torch
+
+    from eval.colors import load_clip_colors
+    from eval.detectors import load_detector
+    from eval.geneval import score_folder
+    from eval.geneval_folder import iter_prompt_folders
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    found = load_detector(detector, detector_path, device=device)
+    colors = None
+    needs_colors = any("color" in clause for _, meta, _ in iter_prompt_folders(images)
+                       for clause in meta.get("include", []))
+    if needs_colors and not found.colors:
+        colors = load_clip_colors(clip_path, device=device)
+    summary = score_folder(images, found, colors, batch_size=batch_size)
+    tasks = " ".join(f"{tag}={summary[tag]:.3f}" for tag in summary["tasks"])
+    label = "" if summary["comparable_to_published"] else " (not comparable to published GenEval)"
+    typer.echo(f"GenEval overall={summary['overall']:.4f} {tasks} correct_images={summary['correct_images']:.3f} "
+               f"correct_prompts={summary['correct_prompts']:.3f} images={summary['images']} "
+               f"detector={summary['detector']}{label} -> {images / 'summary.json'}")
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("geneval-score")(geneval_score)
