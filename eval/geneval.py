@@ -198,6 +198,11 @@ def summarize(results: Sequence[dict]) -> dict:
             "counts": {tag: [int(sum(by_task[tag])), len(by_task[tag])] for tag in tags}}
 
 
+def needs_colors(prompts: Sequence[dict]) -> bool:
+    """Whether any prompt has a colour clause (so a detector without colours needs a CLIP classifier)."""
+    return any("color" in clause for meta in prompts for clause in meta.get("include", []))
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 (H, W, 3) RGB (EXIF orientation applied, as the official evaluator does)."""
     from PIL import Image, ImageOps

@@ -199,6 +199,18 @@ def test_tiny_clip_file_loads_for_a_named_architecture(clip_dir, tmp_path):
     from_dir = load_clip_colors(clip_dir)
     image, dets = colour_scene()
     assert from_file.classify(image, dets, "car") == from_dir.classify(image, dets, "car")
+    # OpenAI's ViT-L-14.pt is a TorchScript archive (torch.load refuses it with weights_only=True); its attention
+    # mask is a plain attribute there, not a buffer, so the archive holds exactly the weights
+    model = from_dir.model
+    model.attn_mask = model._buffers.pop("attn_mask")
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (torch.zeros(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)),
+                                 strict=False, check_trace=False)
+    (tmp_path / "openai").mkdir()
+    traced.save(str(tmp_path / "openai" / "ViT-L-14.pt"))
+    from_archive = load_clip_colors(tmp_path / "openai", arch="fluidbench-tiny-clip")
+    archive_weights = from_archive.model.state_dict()
+    assert all(torch.equal(v, archive_weights[k]) for k, v in from_file.model.state_dict().items())
     with pytest.raises(FluidbenchError, match="not found"):
         load_clip_colors(tmp_path / "missing.pt")
     empty = tmp_path / "empty"

@@ -24,15 +24,13 @@ def geneval_score(
 
     from eval.colors import load_clip_colors
     from eval.detectors import load_detector
-    from eval.geneval import score_folder
+    from eval.geneval import needs_colors, score_folder
     from eval.geneval_folder import iter_prompt_folders
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     found = load_detector(detector, detector_path, device=device)
     colors = None
-    needs_colors = any("color" in clause for _, meta, _ in iter_prompt_folders(images)
-                       for clause in meta.get("include", []))
-    if needs_colors and not found.colors:
+    if not found.colors and needs_colors([meta for _, meta, _ in iter_prompt_folders(images)]):
         colors = load_clip_colors(clip_path, device=device)
     summary = score_folder(images, found, colors, batch_size=batch_size)
     tasks = " ".join(f"{tag}={summary[tag]:.3f}" for tag in summary["tasks"])
