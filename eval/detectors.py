@@ -132,8 +132,8 @@ class HFMask2FormerDetector(Detector):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         # the processor's mean/std are in [0, 1] units; mmdet normalises 0-255 pixels (123.675 = 0.485 * 255)
-        self.mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1) * 255
-        self.std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1) * 255
+        self.mean = torch.tensor(image_mean, dtype=torch.float32, device=self.device).view(3, 1, 1) * 255
+        self.std = torch.tensor(image_std, dtype=torch.float32, device=self.device).view(3, 1, 1) * 255
         self.max_per_image = max_per_image
         self.size_divisor = size_divisor
         names = geneval_object_names()
@@ -155,7 +155,7 @@ class HFMask2FormerDetector(Detector):
         import torch.nn.functional as F
         tensors, shapes = [], []
         for image in images:
-            x = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float()  # (3, H, W), a copy
+            x = torch.from_numpy(np.array(image[..., :3])).to(self.device).permute(2, 0, 1).float()  # (3, H, W)
             h, w = mmdet_resized_shape(x.shape[1], x.shape[2])
             x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             x = x.round().clamp(0, 255)  # mmcv resizes the uint8 image
@@ -164,8 +164,9 @@ class HFMask2FormerDetector(Detector):
         d = self.size_divisor
         pad_h = -(-max(h for h, _ in shapes) // d) * d
         pad_w = -(-max(w for _, w in shapes) // d) * d
-        batch = torch.zeros(len(images), 3, pad_h, pad_w)  # padding is 0 after normalisation, as mmdet's Pad
-        pixel_mask = torch.zeros(len(images), pad_h, pad_w, dtype=torch.long)
+        # padding is 0 after normalisation, as mmdet's Pad
+        batch = torch.zeros(len(images), 3, pad_h, pad_w, device=self.device)
+        pixel_mask = torch.zeros(len(images), pad_h, pad_w, dtype=torch.long, device=self.device)
         for i, (x, (h, w)) in enumerate(zip(tensors, shapes)):
             batch[i, :, :h, :w] = x
             pixel_mask[i, :h, :w] = 1
@@ -188,7 +189,7 @@ class HFMask2FormerDetector(Detector):
         import torch.nn.functional as F
         batch, pixel_mask, shapes = self._inputs(images)
         with torch.no_grad():
-            out = self.model(pixel_values=batch.to(self.device), pixel_mask=pixel_mask.to(self.device))
+            out = self.model(pixel_values=batch, pixel_mask=pixel_mask)
         results = []
         for i, image in enumerate(images):
             # as mmdet: masks to the padded input size, crop the padding, then to the original size
