@@ -1,0 +1,188 @@
+"""The transformer shared by all four variants: a text aligner, then pre-norm blocks of self-attention,
+cross-attention to the text and an MLP. Causal or bidirectional per call; single-token decoding with a
+pre-allocated KV cache for raster order.
+
+Text conditioning: the frozen encoder's output (B, T, D) -> Linear(D, W) -> `aligner_blocks` pre-norm
+self-attention blocks (padding masked) -> LayerNorm. The unconditional branch (guidance, and text dropout in
+training) replaces a sample's aligned text by one learned null token repeated T times with an all-true mask:
+attention over T identical keys equals attention to that single token, so the null branch does not depend on
+T and batches mix conditional and null rows without reshaping.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through SDPA; optional key padding mask, causal flag or KV cache."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, *, causal: bool = False, key_mask: torch.Tensor | None = None,
+                cache: "LayerCache | None" = None, pos: int = 0) -> torch.Tensor:
+        B, N, W = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
+        if cache is not None:
+            if cache.k is None:  # allocated once for the whole sequence, on the first decode step
+                cache.k = k.new_empty(B, self.heads, cache.seq_len, W // self.heads)
+                cache.v = torch.empty_like(cache.k)
+            cache.k[:, :, pos:pos + N] = k
+            cache.v[:, :, pos:pos + N] = v
+            k, v = cache.k[:, :, :pos + N], cache.v[:, :, :pos + N]
+            # SDPA's is_causal aligns top-left: a single new query would see only key 0. The query is the
+            # latest position, so it may see every cached key: no mask at all.
+            causal = False
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, N, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, N, W))
+
+
+class CrossAttention(nn.Module):
+    """Image queries attend to the aligned text; padded text positions are masked out."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def text_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, W = ctx.shape
+        k, v = self.kv(ctx).view(B, T, 2, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor) -> torch.Tensor:
+        B, N, W = x.shape
+        q = self.q(x).view(B, N, self.heads, W // self.heads).transpose(1, 2)  # (B, H, N, hd)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=text_mask[:, None, None, :])
+        return self.proj(y.transpose(1, 2).reshape(B, N, W))
+
+
+class MLP(nn.Module):
+    """Linear-GELU-Linear."""
+
+    def __init__(self, width: int, ratio: float):
+        super().__init__()
+        self.fc1 = nn.Linear(width, int(width * ratio))
+        self.fc2 = nn.Linear(int(width * ratio), width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class AlignerBlock(nn.Module):
+    """Pre-norm self-attention + MLP over the text tokens (the trainable text aligner)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width), SelfAttention(width, heads)
+        self.norm2, self.mlp = nn.LayerNorm(width), MLP(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask=key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width), SelfAttention(width, heads)
+        self.norm2, self.cross = nn.LayerNorm(width), CrossAttention(width, heads)
+        self.norm3, self.mlp = nn.LayerNorm(width), MLP(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor, *,
+                causal: bool = False, cache: "LayerCache | None" = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=causal, cache=cache, pos=pos)
+        x = x + self.cross(self.norm2(x), text_kv, text_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+@dataclass
+class LayerCache:
+    """One block's decode state: text K/V computed once, self-attention K/V filled position by position."""
+    text_kv: tuple[torch.Tensor, torch.Tensor]
+    seq_len: int
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class KVCache:
+    """Decode state of the whole stack for one batch of samples."""
+    layers: list[LayerCache]
+    text_mask: torch.Tensor
+    length: int = 0  # positions written so far
+
+
+class Backbone(nn.Module):
+    """Text aligner + learned positions + `blocks` transformer blocks + final LayerNorm."""
+
+    def __init__(self, *, seq_len: int, width: int, blocks: int, heads: int, text_dim: int, aligner_blocks: int,
+                 mlp_ratio: float = 4.0):
+        super().__init__()
+        self.seq_len, self.width = seq_len, width
+        self.text_proj = nn.Linear(text_dim, width)
+        self.aligner = nn.ModuleList(AlignerBlock(width, heads, mlp_ratio) for _ in range(aligner_blocks))
+        self.aligner_norm = nn.LayerNorm(width)
+        self.null_text = nn.Parameter(torch.zeros(width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(blocks))
+        self.norm = nn.LayerNorm(width)
+
+    def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor,
+                    drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned text (B, T, W) and its mask; rows where `drop` (B,) is True become the null text."""
+        x = self.text_proj(text)  # (B, T, W)
+        # A caption with no real token (empty after padding) would give NaN attention rows: such rows attend
+        # to everything here and are replaced by the null text below, without a host sync.
+        empty = ~text_mask.any(dim=1)  # (B,)
+        key_mask = text_mask | empty[:, None]
+        for block in self.aligner:
+            x = block(x, key_mask)
+        x = self.aligner_norm(x)
+        drop = empty if drop is None else drop | empty
+        null = self.null_text.to(x.dtype).expand_as(x)
+        x = torch.where(drop[:, None, None], null, x)
+        return x, torch.where(drop[:, None], torch.ones_like(text_mask), text_mask)
+
+    def guided_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[conditional; null] text for a batch-doubled guided pass: (2B, T, W) and (2B, T)."""
+        ctx, mask = self.encode_text(text, text_mask)
+        null = self.null_text.to(ctx.dtype).expand_as(ctx)
+        return torch.cat([ctx, null]), torch.cat([mask, torch.ones_like(mask)])
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        """x: embedded inputs (B, N, W) at positions 0..N-1 -> normalised outputs (B, N, W)."""
+        x = x + self.pos_embed[:, : x.shape[1]]
+        for block in self.blocks:
+            x = block(x, block.cross.text_kv(ctx), text_mask, causal=causal)
+        return self.norm(x)
+
+    def new_cache(self, ctx: torch.Tensor, text_mask: torch.Tensor) -> KVCache:
+        """Decode state for raster sampling; the text K/V of every block is computed here, once."""
+        layers = [LayerCache(block.cross.text_kv(ctx), self.seq_len) for block in self.blocks]
+        return KVCache(layers, text_mask)
+
+    def decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new input (B, 1, W) at position cache.length -> its output (B, 1, W); advances the cache."""
+        pos = cache.length
+        if pos >= self.seq_len:
+            raise ValueError(f"KV cache is full: {self.seq_len} positions already decoded")
+        x = x + self.pos_embed[:, pos:pos + 1]
+        for block, layer in zip(self.blocks, cache.layers):
+            x = block(x, layer.text_kv, cache.text_mask, cache=layer, pos=pos)
+        cache.length = pos + 1
+        return self.norm(x)
