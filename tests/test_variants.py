@@ -246,6 +246,17 @@ def test_masking_ratio(mask_ratio):
         assert n.min() < 0.5 * L and order.masked_counts(8, gen(), "cpu").shape == (8, 1)
 
 
+def test_truncated_gaussian_matches_mar():
+    from scipy import stats
+
+    from variants.orders import RandomOrder
+
+    order = RandomOrder(8, 100_000)  # long sequence: count / L ~ the ratio itself
+    ratios = torch.cat([order.masked_counts(1, gen(s), "cpu").flatten() for s in range(2000)]).double() / 100_000
+    mar = stats.truncnorm((0.7 - 1.0) / 0.25, 0, loc=1.0, scale=0.25)  # MAR's models/mar.py
+    assert abs(ratios.mean().item() - mar.mean()) < 0.005 and abs(ratios.std().item() - mar.std()) < 0.005
+
+
 def test_random_order_loss_only_on_masked_positions():
     v = tiny("vq-random").eval()
     tokens, text, mask = batch(v)

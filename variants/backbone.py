@@ -103,8 +103,16 @@ class Block(nn.Module):
         self.norm2, self.cross = nn.LayerNorm(width), CrossAttention(width, heads)
         self.norm3, self.mlp = nn.LayerNorm(width), MLP(width, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor, *,
-                causal: bool = False, cache: "LayerCache | None" = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor, *, causal: bool = False,
+                cache: "LayerCache | None" = None, pos: int = 0) -> torch.Tensor:
+        # The text K/V is computed inside forward (FSDP2 unshards a block's weights only around its forward);
+        # when decoding, once per sample, on the first step.
+        if cache is None:
+            text_kv = self.cross.text_kv(ctx)
+        else:
+            if cache.text_kv is None:
+                cache.text_kv = self.cross.text_kv(ctx)
+            text_kv = cache.text_kv
         x = x + self.attn(self.norm1(x), causal=causal, cache=cache, pos=pos)
         x = x + self.cross(self.norm2(x), text_kv, text_mask)
         return x + self.mlp(self.norm3(x))
@@ -113,8 +121,8 @@ class Block(nn.Module):
 @dataclass
 class LayerCache:
     """One block's decode state: text K/V computed once, self-attention K/V filled position by position."""
-    text_kv: tuple[torch.Tensor, torch.Tensor]
     seq_len: int
+    text_kv: tuple[torch.Tensor, torch.Tensor] | None = None
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
 
@@ -123,6 +131,7 @@ class LayerCache:
 class KVCache:
     """Decode state of the whole stack for one batch of samples."""
     layers: list[LayerCache]
+    ctx: torch.Tensor
     text_mask: torch.Tensor
     length: int = 0  # positions written so far
 
@@ -168,13 +177,12 @@ class Backbone(nn.Module):
         """x: embedded inputs (B, N, W) at positions 0..N-1 -> normalised outputs (B, N, W)."""
         x = x + self.pos_embed[:, : x.shape[1]]
         for block in self.blocks:
-            x = block(x, block.cross.text_kv(ctx), text_mask, causal=causal)
+            x = block(x, ctx, text_mask, causal=causal)
         return self.norm(x)
 
     def new_cache(self, ctx: torch.Tensor, text_mask: torch.Tensor) -> KVCache:
-        """Decode state for raster sampling; the text K/V of every block is computed here, once."""
-        layers = [LayerCache(block.cross.text_kv(ctx), self.seq_len) for block in self.blocks]
-        return KVCache(layers, text_mask)
+        """Decode state for raster sampling (buffers are allocated on the first decode step)."""
+        return KVCache([LayerCache(self.seq_len) for _ in self.blocks], ctx, text_mask)
 
     def decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new input (B, 1, W) at position cache.length -> its output (B, 1, W); advances the cache."""
@@ -183,6 +191,6 @@ class Backbone(nn.Module):
             raise ValueError(f"KV cache is full: {self.seq_len} positions already decoded")
         x = x + self.pos_embed[:, pos:pos + 1]
         for block, layer in zip(self.blocks, cache.layers):
-            x = block(x, layer.text_kv, cache.text_mask, cache=layer, pos=pos)
+            x = block(x, cache.ctx, cache.text_mask, cache=layer, pos=pos)
         cache.length = pos + 1
         return self.norm(x)

@@ -145,10 +145,10 @@ class RandomOrder(nn.Module):
             phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
             lo = phi((self.ratio_min - self.ratio_mean) / self.ratio_std)
             hi = phi((1.0 - self.ratio_mean) / self.ratio_std)
-            u = rng.uniform((1, 1), generator, device).double()
+            u = rng.uniform((1, 1), generator, device)
             ratio = self.ratio_mean + self.ratio_std * torch.special.ndtri(lo + u * (hi - lo))
         else:
-            ratio = torch.cos(math.pi / 2 * rng.uniform((batch, 1), generator, device).double())
+            ratio = torch.cos(math.pi / 2 * rng.uniform((batch, 1), generator, device))
         return torch.ceil(ratio * L).long().clamp(1, L)
 
     def outputs(self, backbone: "Backbone", x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor,

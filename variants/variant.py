@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from variants import rng
-from variants.backbone import Backbone
+from variants.backbone import AlignerBlock, Backbone, Block
+from variants.heads import AdaLNBlock
 
 
 def _linear_weights(*modules: nn.Module) -> int:
@@ -140,6 +141,11 @@ class Variant(nn.Module):
         if self.token_kind == "vq":
             return torch.zeros(batch, self.seq_len, dtype=torch.int64, device=device)
         return torch.zeros(batch, self.seq_len, self.token_dim, device=device)
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks (aligner, backbone, diffusion head), in call order: the units for FSDP2's
+        per-block fully_shard and for activation checkpointing. Each does all its work inside forward."""
+        return [m for m in self.modules() if isinstance(m, (AlignerBlock, Block, AdaLNBlock))]
 
     # ---- accounting ------------------------------------------------------------------------------------------
 
