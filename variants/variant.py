@@ -115,7 +115,7 @@ class Variant(nn.Module):
 
         None = the variant's paper default (`self.defaults`). cfg_scale 1.0 runs no null branch; any other
         value doubles the batch (cond + null text) in every backbone pass. `steps`: reveal steps of random
-        order (raster order always takes L; pass None). `head_steps`: diffusion head steps (ignored by codes).
+        order (raster order ignores it: always L steps, as the stats say). `head_steps`: diffusion head steps (ignored by codes).
         `kv_cache=False`: raster order recomputes the whole prefix each step (reference / benchmark).
         Statistics of the run land in `self.last_sample_stats`.
         """
