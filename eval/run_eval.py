@@ -1,0 +1,172 @@
+"""Evaluate a trained run: sample from its EMA weights, score the samples, write RUN/eval/<metric>.json.
+
+Each function records the protocol (data, N, seed, extractor or detector, sampling settings) beside the
+number, plus the sampling cost (seconds and forward passes per image). Generated images are kept as PNG in
+RUN/eval/<metric>/ so a killed evaluation resumes where it stopped and other tools can read them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eval.geneval_folder import iter_prompt_folders, load_prompts, write_prompt_folder
+from eval.sampling import SamplingSettings, SamplingStats, generate
+from harness.atomic import write_json
+from harness.errors import FluidbenchError
+
+OFFICIAL_PROMPTS = Path(__file__).parent / "geneval_data" / "evaluation_metadata.jsonl"
+
+
+def _open(run_dir: str | Path, device: str | None) -> tuple[Any, str]:
+    """The run with its EMA weights, and the device it landed on (for the scorers' models)."""
+    from harness.runs import load_run
+
+    run = load_run(run_dir, device=device)
+    return run, str(next(run.variant.parameters()).device)
+
+
+def _record(run: Any, settings: SamplingSettings, stats: SamplingStats) -> dict:
+    return {"step": run.step, "checkpoint": str(run.checkpoint),
+            "variant": run.config.model.variant, "sampling": settings.resolved(run.variant),
+            "sampling_stats": stats.summary()}
+
+
+def default_prompts(run: Any) -> Path:
+    """ShapesT2I runs use their data set's prompt file; everything else GenEval's official 553 prompts."""
+    data = run.config.data
+    if data.kind == "shapes":
+        return Path(data.path) / "geneval_metadata.jsonl"
+    return OFFICIAL_PROMPTS
+
+
+def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_prompt: int = 4,
+                 detector: str | None = None, detector_path: str | None = None, clip_path: str | None = None,
+                 settings: SamplingSettings | None = None, device: str | None = None,
+                 progress: bool = True) -> dict:
+    """GenEval of a run: write the official folder layout under RUN/eval/geneval/, score it, save geneval.json."""
+    from eval.colors import load_clip_colors
+    from eval.detectors import load_detector
+    from eval.geneval import needs_colors, score_folder
+
+    run, device = _open(run_dir, device)
+    settings = settings or SamplingSettings()
+    prompt_file = Path(prompts) if prompts else default_prompts(run)
+    metadata = load_prompts(prompt_file)
+    detector = detector or ("shapes-oracle" if run.config.data.kind == "shapes" else "mmdet")
+    folder = Path(run_dir) / "eval" / "geneval"
+    done = {index for index, _, samples in iter_prompt_folders(folder) if len(samples) >= per_prompt} \
+        if folder.is_dir() else set()
+    todo = [i for i in range(len(metadata)) if i not in done]
+    stats = SamplingStats()
+    captions = [metadata[i]["prompt"] for i in todo for _ in range(per_prompt)]
+    images: list[np.ndarray] = []
+    for k, image in generate(run, captions, settings, stats, progress=progress, desc="geneval samples"):
+        images.append(image)
+        if len(images) == per_prompt:  # one prompt complete: write its folder (metadata last marks it done)
+            index = todo[k // per_prompt]
+            write_prompt_folder(folder, index, metadata[index], images)
+            images = []
+    det = load_detector(detector, detector_path, device=device)
+    colors = load_clip_colors(clip_path, device=device) if not det.colors and needs_colors(metadata) \
+        else None
+    summary = score_folder(folder, det, colors, progress=progress)
+    result = {**summary, "protocol": {"prompts": str(prompt_file), "n_prompts": len(metadata),
+                                      "images_per_prompt": per_prompt, "detector": detector},
+              **_record(run, settings, stats)}
+    write_json(Path(run_dir) / "eval" / "geneval.json", result)
+    return result
+
+
+def _split_sample(run: Any, split: str, n: int, seed: int, resolution: int | None):
+    from harness.data import open_dataset
+
+    data = run.config.data
+    return open_dataset(data.kind, data.path, split, image_size=resolution, n=n, seed=seed)
+
+
+def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, seed: int = 0,
+             extractor: str | None = None, weights: str | None = None, cache_dir: str | Path | None = None,
+             settings: SamplingSettings | None = None, device: str | None = None, progress: bool = True) -> dict:
+    """FID of N samples for N captions of `split` against the same N real images (cached reference stats).
+
+    ShapesT2I runs default to the Shapes feature extractor (`weights` = its train-features folder), everything
+    else to torch-fidelity's TF-compatible InceptionV3 (`weights` = its .pth file or the library's cache).
+    """
+    from eval.fid import (ReferenceProtocol, batches_from_dataset, compute_reference_stats, default_cache_dir,
+                          fid_from_images, load_extractor)
+
+    run, device = _open(run_dir, device)
+    settings = settings or SamplingSettings()
+    data = run.config.data
+    split = split or data.val_split
+    extractor = extractor or ("shapes" if data.kind == "shapes" else "inception")
+    ext = load_extractor(extractor, weights, device=device)
+    resolution = run.tokenizer.image_size
+    dataset = _split_sample(run, split, n, seed, None if data.kind == "shapes" else resolution)
+    if len(dataset) < n:
+        raise FluidbenchError(f"--n {n}: split {split!r} of {data.path} has only {len(dataset)} images")
+    protocol = ReferenceProtocol(dataset=data.kind, split=split, n=n, seed=seed,
+                                 crop="none" if data.kind == "shapes" else "center",
+                                 resize_filter="none" if data.kind == "shapes" else "bicubic",
+                                 resolution=resolution)
+    reference = compute_reference_stats(protocol, batches_from_dataset(dataset), ext,
+                                        cache_dir or default_cache_dir(), progress="reference" if progress else None)
+    captions = [dataset[i][1] for i in range(n)]
+    stats = SamplingStats()
+    folder = Path(run_dir) / "eval" / "fid"
+    samples = _cached_samples(folder, run, captions, settings, stats, progress)
+    batches = (torch.from_numpy(samples[i:i + 64]).permute(0, 3, 1, 2) for i in range(0, n, 64))
+    result = fid_from_images(batches, reference, ext, progress="features" if progress else None, total=n)
+    result |= {"protocol": asdict(protocol) | {"extractor": ext.name}, **_record(run, settings, stats)}
+    write_json(Path(run_dir) / "eval" / "fid.json", result)
+    return result
+
+
+def _cached_samples(folder: Path, run: Any, captions: list[str], settings: SamplingSettings,
+                    stats: SamplingStats, progress: bool) -> np.ndarray:
+    """Samples for `captions`, stored losslessly as one uint8 .npy keyed by the captions and settings."""
+    from harness.atomic import atomic_path
+
+    key = {"captions": captions, "settings": settings.resolved(run.variant), "step": run.step}
+    path, key_path = folder / "samples.npy", folder / "samples.json"
+    if path.is_file() and key_path.is_file():
+        saved = json.loads(key_path.read_text())
+        if saved.get("key") == key:  # reuse, with the cost measured when they were made
+            stats.images, stats.seconds, stats.cost = saved["images"], saved["seconds"], saved["cost"]
+            return np.load(path)
+    images = np.stack([image for _, image in generate(run, captions, settings, stats, progress=progress,
+                                                       desc="samples")])
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, images)
+    write_json(key_path, {"key": key, "images": stats.images, "seconds": stats.seconds, "cost": stats.cost})
+    return images
+
+
+def eval_clipscore(run_dir: str | Path, *, n: int = 1000, split: str | None = None, seed: int = 0,
+                   model: str | None = None, weights: str | None = None, settings: SamplingSettings | None = None,
+                   device: str | None = None, progress: bool = True) -> dict:
+    """CLIP score of N samples against their captions (the same captions and samples as FID with equal N)."""
+    from eval.clipscore import DEFAULT_MODEL, clip_score, load_clip
+
+    run, device = _open(run_dir, device)
+    scorer = load_clip(model or DEFAULT_MODEL, weights, device=device)
+    settings = settings or SamplingSettings()
+    data = run.config.data
+    dataset = _split_sample(run, split or data.val_split, n, seed,
+                            None if data.kind == "shapes" else run.tokenizer.image_size)
+    captions = [dataset[i][1] for i in range(min(n, len(dataset)))]
+    stats = SamplingStats()
+    samples = _cached_samples(Path(run_dir) / "eval" / "fid", run, captions, settings, stats, progress)
+    pairs = ((torch.from_numpy(samples[i:i + 32]).permute(0, 3, 1, 2), captions[i:i + 32])
+             for i in range(0, len(captions), 32))
+    result = clip_score(pairs, scorer, progress="clip score" if progress else None, total=len(captions))
+    result |= {"protocol": {"dataset": data.kind, "split": split or data.val_split, "n": len(captions),
+                            "seed": seed}, **_record(run, settings, stats)}
+    write_json(Path(run_dir) / "eval" / "clipscore.json", result)
+    return result
