@@ -194,6 +194,11 @@ def diff(a: RunConfig, b: RunConfig) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
+def flatten(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested values as one level of dotted keys (model.options stays one value per option)."""
+    return dict(_flatten(values))
+
+
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for key, value in values.items():
         dotted = f"{prefix}{key}"

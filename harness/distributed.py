@@ -1,8 +1,8 @@
 """Processes and parallelism: torchrun or Slurm environments, DDP or FSDP2, applied from outside the model.
 
-The variant knows nothing of distribution. `parallelize` wraps it in `LossModule` (so the training step is a
-`forward`, which is what DDP's and FSDP2's hooks wrap), optionally checkpoints activations and compiles each
-block, then applies DDP or FSDP2 (`fully_shard` per block, then the root). Blocks are found from outside: the
+The variant knows nothing of distribution; its `forward` is its loss, the method DDP's and FSDP2's hooks wrap.
+`parallelize` optionally checkpoints activations and compiles each block, then applies DDP or FSDP2
+(`fully_shard` per block, then the root). Blocks are found from outside: the
 elements of every outermost `nn.ModuleList` in the variant (the backbone's, the aligner's, the head's).
 
 State dicts are always full and keyed by the variant's own parameter names, whatever the strategy, so a
@@ -96,18 +96,6 @@ def per_rank_batch(global_batch: int, info: DistInfo, field: str = "train.batch_
     return global_batch // info.world_size
 
 
-class LossModule(nn.Module):
-    """Makes the variant's loss the `forward`, the method DDP and FSDP2 hook for gradient sync and sharding."""
-
-    def __init__(self, variant: nn.Module) -> None:
-        super().__init__()
-        self.variant = variant
-
-    def forward(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.variant.loss(tokens, text, text_mask, generator=generator)
-
-
 def blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
     """(list, index) of every element of every outermost ModuleList that holds parameters."""
     found = []
@@ -124,14 +112,14 @@ def blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
 
 
 def parallelize(variant: nn.Module, cfg: DistConfig, info: DistInfo) -> nn.Module:
-    """The training module: LossModule(variant) with activation checkpointing, compile, then DDP or FSDP2."""
+    """The training module: the variant with activation checkpointing, compile, then DDP or FSDP2."""
     for parent, i in blocks(variant):
         if cfg.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             parent[i] = checkpoint_wrapper(parent[i])  # its state-dict hooks keep the parameter names
         if cfg.compile:
             parent[i].compile()  # in place: parameter names unchanged
-    model = LossModule(variant)
+    model = variant
     if info.world_size == 1:
         return model
     if cfg.strategy == "fsdp2":
@@ -148,7 +136,7 @@ def parallelize(variant: nn.Module, cfg: DistConfig, info: DistInfo) -> nn.Modul
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The variant inside a training module."""
-    return getattr(model, "module", model).variant
+    return getattr(model, "module", model)
 
 
 def _options(**kw: Any):
@@ -156,36 +144,30 @@ def _options(**kw: Any):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def _strip(state: dict[str, Any], prefix: str = "variant.") -> dict[str, Any]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-
-
 def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on the CPU, keyed like the bare variant (complete on rank 0; a collective)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    return _strip(get_model_state_dict(model, options=_options(cpu_offload=True)))
+    state = get_model_state_dict(model, options=_options(cpu_offload=True))
+    # for a model already on the CPU (and not sharded) these are the live tensors themselves: copy them, so
+    # that a later update (or swapping the EMA weights back out) does not change what was taken
+    live = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    return {k: v.detach().clone() if v.data_ptr() in live else v for k, v in state.items()}
 
 
 def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a full state dict (as model_state_dict gives) into a training module of any strategy."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    set_model_state_dict(model, {f"variant.{k}": v for k, v in state.items()}, options=_options())
+    set_model_state_dict(model, state, options=_options())
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The full optimizer state keyed by parameter name, on the CPU (a collective)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    state = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
-    if "state" not in state:  # ranks other than 0 get nothing with cpu_offload under FSDP2
-        return state
-    groups = [{**g, "params": [p.removeprefix("variant.") for p in g["params"]]} for g in state["param_groups"]]
-    return {"state": _strip(state["state"]), "param_groups": groups}
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
 def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    groups = [{**g, "params": [f"variant.{p}" for p in g["params"]]} for g in state["param_groups"]]
-    state = {"state": {f"variant.{k}": v for k, v in state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_options())
 
 

@@ -1,0 +1,373 @@
+"""`train(cfg) -> summary`: one variant at one size, from a laptop CPU to a multi-node torchrun/srun job.
+
+The loop reads top to bottom: settings checked before any work, the run folder (resumed if it has a
+checkpoint), tokenizer, text encoder and variant, cached inputs, optimizer and EMA, parallelism, then the
+steps. Nothing inside a step waits on the device: losses accumulate on the device and are read at log
+intervals. Exact resume: the data order is a function of (seed, epoch), its position is checkpointed, and
+every RNG state (torch's, the loss generator's, the data generator's, per process) goes in the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from harness import distributed as D
+from harness.atomic import append_jsonl, read_jsonl, write_json, write_text
+from harness.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from harness.config import RunConfig, diff, flatten
+from harness.errors import FluidbenchError
+
+# Settings a resumed run may change: its length, its logging, and how it is spread over devices.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.ckpt_every", "train.keep_last",
+                     "dist.", "data.cache_dir")
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Train (or resume) the run in cfg.out; returns the summary (also written to RUN/summary.json).
+
+    Interrupted by SIGTERM/SIGUSR1, it saves a checkpoint and returns {"status": "interrupted", ...}
+    without a summary.json; the same call resumes it.
+    """
+    cfg.validate()
+    info = D.init_distributed()
+    try:
+        return _train(cfg, info)
+    finally:
+        D.shutdown()
+
+
+def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
+    from harness.runs import (build_model, check_names, check_token_kind, load_text_encoder, load_tokenizer,
+                              open_split, size_name)
+
+    # ---- settings that can fail, before any work ----
+    batch_per_rank = D.per_rank_batch(cfg.train.batch_size, info)
+    check_names(cfg)
+    run = Path(cfg.out)
+    _check_resume_config(run, cfg)
+    tokenizer = load_tokenizer(cfg, info.device)
+    check_token_kind(cfg, tokenizer)
+    text_encoder = load_text_encoder(cfg, info.device)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
+    variant = build_model(cfg, tokenizer, text_encoder.dim).to(info.device)
+    if info.is_main:
+        write_json(run / "config.json", cfg.to_dict())  # before step 0
+
+    # ---- cached inputs (built once, on the main process) ----
+    if info.is_main:
+        train_data = open_split(cfg, "train", tokenizer, text_encoder)
+        val_data = open_split(cfg, "val", tokenizer, text_encoder)
+    D.barrier()
+    if not info.is_main:
+        train_data = open_split(cfg, "train", tokenizer, text_encoder)
+        val_data = open_split(cfg, "val", tokenizer, text_encoder)
+    sampler = EpochSampler(len(train_data), cfg.train.batch_size, cfg.train.seed)
+
+    # ---- parallelism, then the optimizer over the (possibly sharded) parameters, EMA ----
+    counts = variant.param_counts()
+    flops_per_image = float(variant.train_flops_per_image())
+    model = D.parallelize(variant, cfg.dist, info)
+    groups = weight_decay_groups(variant, cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr(), betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  weight_decay=0.0)  # per group
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ema = EMA(params)
+    loss_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + info.rank + 1)
+    data_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + info.rank + 7_919)
+    generators = {"loss": loss_gen, "data": data_gen}
+    use_bf16 = cfg.dist.dtype == "bf16" or (cfg.dist.dtype == "auto" and info.device.type == "cuda")
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+    # ---- resume ----
+    step, wall_before = 0, 0.0
+    found = load_latest(run)
+    if found is not None:
+        state, path = found
+        D.load_model_state_dict(model, state["ema"])
+        ema.copy_from(params)
+        D.load_model_state_dict(model, state["model"])
+        D.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+        step, wall_before = state["step"], state["schedule"]["wall_s"]
+        sampler.load_state_dict(state["data"])
+        ranks = state["rng"]["ranks"]
+        if len(ranks) == info.world_size:
+            set_rng_state(ranks[info.rank], generators)
+        elif info.is_main:
+            print(f"resuming with {info.world_size} processes, saved with {len(ranks)}: the loss generators "
+                  "restart from their seeds (the data order is still exact)", file=sys.stderr)
+        if info.is_main:
+            # rows logged after this checkpoint belong to the lost future: drop them
+            rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] <= step] \
+                if (run / "metrics.jsonl").exists() else []
+            write_text(run / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            print(f"resuming {run} from {path.name}", file=sys.stderr)
+        del state
+    if step > cfg.train.steps:
+        raise FluidbenchError(f"{run} is already at step {step}, past train.steps={cfg.train.steps}")
+    if step == cfg.train.steps and (run / "summary.json").exists():
+        return json.loads((run / "summary.json").read_text())  # finished: nothing to do
+
+    def validate() -> float:
+        from eval.loss import validation_loss
+        model.eval()
+        with ema.swapped_in(params):
+            loss = validation_loss(model, val_data, batch_size=cfg.train.val_batch_size, seed=cfg.train.val_seed,
+                                   size=cfg.train.val_size, device=info.device, autocast_dtype=autocast_dtype)
+        model.train()
+        return loss
+
+    def save(status: str) -> Path | None:
+        with ema.swapped_in(params):
+            ema_state = D.model_state_dict(model)
+        state = dict(model=D.model_state_dict(model), ema=ema_state,
+                     optimizer=D.optimizer_state_dict(model, optimizer),
+                     schedule={"step": step, "lr": learning_rate(cfg, step), "wall_s": wall_s()},
+                     step=step, data=sampler.state_dict(), config=cfg.to_dict(), status=status,
+                     rng={"ranks": D.all_gather_object(rng_state(generators))})
+        path = save_checkpoint(run, state, cfg.train.keep_last) if info.is_main else None
+        D.barrier()
+        return path
+
+    def log(row: dict[str, Any]) -> None:
+        if info.is_main:
+            append_jsonl(run / "metrics.jsonl", row)
+
+    # ---- the loop ----
+    steps = cfg.train.steps
+    start_step, t_start = step, time.perf_counter()
+    wall_s = lambda: wall_before + time.perf_counter() - t_start  # noqa: E731
+    stop = _StopSignal(info.device)
+    pbar = _progress(steps, step, info.is_main)
+    loss_sum, loss_count = torch.zeros((), device=info.device), 0
+    last_loss, last_val, last_ckpt = float("nan"), float("nan"), None
+    t_log, step_log = time.perf_counter(), step
+    if step == 0 and cfg.train.val_every:
+        last_val = validate()
+        log({"step": 0, "val_loss": last_val, "wall_s": wall_s()})
+    model.train()
+    with stop.installed():
+        while step < steps:
+            indices = sampler.next_batch()[info.rank * batch_per_rank:(info.rank + 1) * batch_per_rank]
+            batch = {k: v.to(info.device, non_blocking=True) for k, v in train_data.batch(indices, data_gen).items()}
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(info.device.type, dtype=autocast_dtype or torch.float32, enabled=use_bf16):
+                loss = model(batch["tokens"], batch["text"], batch["text_mask"], loss_gen)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(params, ema_decay(cfg, step))
+            loss_sum += loss.detach().float()
+            loss_count += 1
+            step += 1
+            pbar.update(1)
+
+            last = step == steps
+            do_val = last or (cfg.train.val_every and step % cfg.train.val_every == 0)
+            do_ckpt = last or step % cfg.train.ckpt_every == 0
+            if last or do_val or do_ckpt or step % cfg.train.log_every == 0:
+                # the one host sync: mean loss over processes and steps since the last log
+                total = D.all_reduce(torch.stack([loss_sum, loss_sum.new_tensor(loss_count)]))
+                last_loss = (total[0] / total[1]).item()
+                if not math.isfinite(last_loss):
+                    where = f"; last good checkpoint {last_ckpt or 'none'} kept" if info.is_main else ""
+                    raise FluidbenchError(f"train loss is {last_loss} by step {step} (lr {lr:.3g}): stopped{where}")
+                now = time.perf_counter()
+                images_per_s = (step - step_log) * cfg.train.batch_size / (now - t_log)
+                row = {"step": step, "train_loss": last_loss, "lr": lr, "images_per_s": images_per_s,
+                       "epoch": sampler.epoch, "wall_s": wall_s()}
+                if do_val:
+                    row["val_loss"] = last_val = validate()
+                log(row)
+                pbar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+                loss_sum.zero_()
+                loss_count, t_log, step_log = 0, time.perf_counter(), step
+            if do_ckpt:
+                last_ckpt = save("complete" if last else "running")
+            if not last and stop.requested(every=cfg.train.log_every, step=step):
+                last_ckpt = save("interrupted")
+                pbar.close()
+                if info.is_main:
+                    print(f"signal {stop.signum}: saved {last_ckpt} at step {step}; run the same command to resume",
+                          file=sys.stderr)
+                return {"status": "interrupted", "steps": step, "checkpoint": str(last_ckpt)}
+    pbar.close()
+    if step == start_step:  # finished before its summary was written: take the numbers again
+        last_val = validate()
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r]
+        last_loss = rows[-1]["train_loss"] if rows else float("nan")
+
+    # ---- summary ----
+    images = step * cfg.train.batch_size
+    segment_s = time.perf_counter() - t_start
+    summary = dict(
+        status="complete", variant=cfg.model.variant, size=size_name(cfg), ladder=cfg.model.ladder,
+        steps=step, images_seen=images, tokens_seen=images * tokenizer.seq_len,
+        train_flops=flops_per_image * images, train_flops_per_image=flops_per_image,
+        train_loss=last_loss, val_loss=last_val, params=counts["total"],
+        param_counts=counts, wall_s=wall_s(),
+        images_per_s=(step - start_step) * cfg.train.batch_size / segment_s if step > start_step else None,
+        world_size=info.world_size, strategy=cfg.dist.strategy, device=info.device.type, lr=cfg.lr(),
+        checkpoint=str(last_ckpt) if last_ckpt else None)
+    if info.is_main:
+        write_json(run / "summary.json", summary)
+    return summary
+
+
+def learning_rate(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up from 0 over warmup_steps, then constant or cosine to lr * min_lr_ratio."""
+    peak, warmup = cfg.lr(), cfg.optim.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if cfg.optim.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, cfg.train.steps - warmup))
+        floor = cfg.optim.min_lr_ratio
+        return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak
+
+
+def ema_decay(cfg: RunConfig, step: int) -> float:
+    if cfg.optim.ema_warmup:
+        return min(cfg.optim.ema_decay, (1 + step) / (10 + step))
+    return cfg.optim.ema_decay
+
+
+def weight_decay_groups(variant: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on the transformer's matrices; none on biases, norms, embeddings (positions,
+    mask/start tokens, null text, code embeddings) and the diffusion head (MAR's recipe). The variant says
+    which is which (`param_groups`); a model without that helper gets: no decay below 2 dims."""
+    if hasattr(variant, "param_groups"):
+        return variant.param_groups(weight_decay)
+    params = [p for p in variant.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+class EpochSampler:
+    """Global batches of indices: epoch e is a permutation drawn from Generator(seed + e); the last partial
+    batch of an epoch is dropped. The position (epoch, offset) is the whole state: resume is exact."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size < batch_size:
+            raise FluidbenchError(f"train split has {size} items, fewer than train.batch_size={batch_size}")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.offset = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def next_batch(self) -> torch.Tensor:
+        if self.offset + self.batch_size > self.size:
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._perm = self._permutation()
+        batch = self._perm[self.offset:self.offset + self.batch_size]
+        self.offset += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "size": self.size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["size"] != self.size:
+            raise FluidbenchError(f"train split has {self.size} items but the checkpoint was written with "
+                                  f"{state['size']}: data.path changed")
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._perm = self._permutation()
+
+
+class EMA:
+    """Exponential moving average of the trainable weights (kept beside the model, in its sharding)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: list[torch.Tensor], decay: float) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_from(self, params: list[torch.Tensor]) -> None:
+        for s, p in zip(self.shadow, params):
+            s.copy_(p.detach())
+
+    @contextmanager
+    def swapped_in(self, params: list[torch.Tensor]) -> Iterator[None]:
+        """The EMA weights in the model for the duration (evaluation, saving), the live ones restored after."""
+        with torch.no_grad():
+            live = [p.detach().clone() for p in params]
+            for p, s in zip(params, self.shadow):
+                p.detach().copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, x in zip(params, live):
+                    p.detach().copy_(x)
+
+
+class _StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm's preemption notice) ask for a checkpoint and a clean exit after the step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.signum: int | None = None
+        self.device = device
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        names = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
+        previous = {s: signal.signal(s, self._handle) for s in names}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def requested(self, every: int, step: int) -> bool:
+        """Every step in one process; with several, agreed at log intervals (a collective) so all stop together."""
+        if not D.dist.is_initialized():
+            return self.signum is not None
+        if step % every:
+            return False
+        flag = D.all_reduce(torch.tensor([self.signum or 0], device=self.device), op="max")
+        self.signum = int(flag.item()) or None
+        return self.signum is not None
+
+
+def _check_resume_config(run: Path, cfg: RunConfig) -> None:
+    """An existing RUN is resumed only with the settings it was started with (length and logging may change)."""
+    path = run / "config.json"
+    if not path.exists():
+        return
+    saved = RunConfig.from_dict(json.loads(path.read_text()))
+    changed = [k for k in diff(saved, cfg) if not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        k = changed[0]
+        before, now = flatten(saved.to_dict()).get(k), flatten(cfg.to_dict()).get(k)
+        raise FluidbenchError(f"{path} has {k}={before!r} but this run asks for {now!r}: "
+                              "use a new --out, or the same settings to resume")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=1.0)
