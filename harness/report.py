@@ -66,9 +66,10 @@ def collect_run(run: Path) -> dict[str, Any]:
     row["clip_score"] = clip.get("clip_score", clip.get("score"))
     # Sampling throughput from the largest sampling pass (FID's), falling back to GenEval's.
     for source in (fid, geneval):
-        if "seconds_per_image" in source:
-            row["seconds_per_image"] = source["seconds_per_image"]
-            row["forward_passes_per_image"] = source.get("forward_passes_per_image")
+        stats = {**source, **(source.get("sampling_stats") or {})}
+        if stats.get("seconds_per_image") is not None:
+            row["seconds_per_image"] = stats["seconds_per_image"]
+            row["forward_passes_per_image"] = stats.get("forward_passes_per_image")
             break
     return {c: (np.nan if row.get(c) is None else row[c]) for c in COLUMNS}
 
@@ -239,7 +240,11 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
     from harness import plots
 
     sweep_dir = Path(sweep_dir)
-    table = read_table(sweep_dir) if table is None else table
+    table = read_table(sweep_dir) if table is None else table.copy()
+    shown = [c for c in table.columns if not table[c].isna().all()]
+    for column in COLUMNS:  # a sweep may leave a metric out of its table (no CLIP score offline)
+        if column not in table.columns:
+            table[column] = np.nan
     if table.empty:
         raise FluidbenchError(f"{sweep_dir}: the results table has no runs")
     fits = fit_losses(table, offset=offset, n_boot=n_boot)
@@ -257,7 +262,7 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
         text += [spec["note"], ""]
     text += ["## The paper's findings, checked on these runs", "",
              markdown_table(["finding", "verdict", "evidence"], [list(f) for f in findings(table, fits)]), ""]
-    text += ["## Results", "", markdown_table(list(table.columns), table.values.tolist()), ""]
+    text += ["## Results", "", markdown_table(shown, table[shown].values.tolist()), ""]
     text += _fit_section(table, fits, offset, figures)
     text += _quality_section(table, ceilings, figures)
     text += _samples_section(table, sweep_dir)

@@ -34,6 +34,7 @@ class RunPlan:
     strategy: str
     activation_checkpointing: bool
     gpu_hours: float             # training, at the assumed MFU
+    text_gpu_hours: float        # of which the frozen text encoder run online
     wall_days: float             # gpu_hours / gpus / 24
     mem_state_gb: float          # per GPU
     mem_act_gb: float            # per GPU, at batch / gpus images
@@ -73,7 +74,8 @@ def plan_run(spec: Spec, variant_name: str, size: str) -> RunPlan:
     text_online = float(cluster.get("text_encoder_params", 0)) if cluster.get("text_encoder_online") else 0.0
     text_flops = 2.0 * text_online * variant.text_len  # frozen encoder: forward only
     train_flops = variant.train_flops_per_image() * batch * steps
-    gpu_hours = (train_flops + text_flops * batch * steps) / (peak * float(cluster.get("mfu", 0.4))) / 3600
+    per_hour = peak * float(cluster.get("mfu", 0.4)) * 3600
+    gpu_hours = (train_flops + text_flops * batch * steps) / per_hour
 
     resources = spec.resources_for("train", size)
     gpus = max(resources.nodes * resources.gpus_per_node, 1)
@@ -91,7 +93,7 @@ def plan_run(spec: Spec, variant_name: str, size: str) -> RunPlan:
                                  head_steps=sampling.get("head_steps"))
     eval_hours = eval_images * (cost["flops"] + text_flops) / (peak * float(cluster.get("sample_mfu", 0.1))) / 3600
     return RunPlan(variant=variant_name, size=size, params=params, train_flops=train_flops, gpus=gpus,
-                   strategy=strategy, activation_checkpointing=checkpointing, gpu_hours=gpu_hours,
+                   text_gpu_hours=text_flops * batch * steps / per_hour, strategy=strategy, activation_checkpointing=checkpointing, gpu_hours=gpu_hours,
                    wall_days=gpu_hours / gpus / 24, mem_state_gb=state / 1e9, mem_act_gb=act / 1e9,
                    mem_total_gb=(state + act + frozen) / 1e9 + 2.0, eval_gpu_hours=eval_hours)
 
@@ -108,20 +110,22 @@ def format_plan(spec: Spec, plans: list[RunPlan]) -> str:
              f"bf16, {c.get('gpu_mem_gb', 80)} GB) at {float(c.get('mfu', 0.4)):.0%} MFU for training and "
              f"{float(c.get('sample_mfu', 0.1)):.0%} for sampling; memory per GPU is an estimate "
              "(harness/scale_plan.py).", "",
-             "| run | params | train FLOPs | GPUs | parallelism | GPU-hours | days | state GB/GPU | "
+             "| run | params | train FLOPs | GPUs | parallelism | GPU-hours (text encoder) | days | state GB/GPU | "
              "activations GB/GPU | total GB/GPU | eval GPU-hours |", "|" + "---|" * 11]
     limit = float(c.get("gpu_mem_gb", 80))
     for p in plans:
         par = p.strategy + (" + act. ckpt" if p.activation_checkpointing else "")
         flag = " (over!)" if p.mem_total_gb > limit else ""
         lines.append(f"| {p.variant} {p.size} | {p.params / 1e9:.2f}B | {p.train_flops:.2e} | {p.gpus} | {par} | "
-                     f"{p.gpu_hours:,.0f} | {p.wall_days:.1f} | {p.mem_state_gb:.1f} | {p.mem_act_gb:.1f} | "
+                     f"{p.gpu_hours:,.0f} ({p.text_gpu_hours:,.0f}) | {p.wall_days:.1f} | {p.mem_state_gb:.1f} | {p.mem_act_gb:.1f} | "
                      f"{p.mem_total_gb:.1f}{flag} | {p.eval_gpu_hours:,.1f} |")
     total = sum(p.gpu_hours for p in plans)
     evals = sum(p.eval_gpu_hours for p in plans)
     lines += ["", f"Total: {total:,.0f} GPU-hours of training and {evals:,.0f} of evaluation sampling for "
               f"{len(plans)} runs."]
     if c.get("text_encoder_online"):
-        lines.append(f"Includes the frozen text encoder run online ({float(c.get('text_encoder_params', 0)) / 1e9:.2f}B "
-                     "parameters, forward only); pre-encoded captions would remove that share.")
+        text = sum(p.text_gpu_hours for p in plans)
+        lines.append(f"Of the training GPU-hours, {text:,.0f} are the frozen text encoder run online "
+                     f"({float(c.get('text_encoder_params', 0)) / 1e9:.2f}B parameters, forward only, in parentheses "
+                     "per run); pre-encoded captions would remove that share.")
     return "\n".join(lines)

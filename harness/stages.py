@@ -57,7 +57,7 @@ def plan_jobs(spec: Spec) -> list[Job]:
 
     fid, geneval = spec.eval.get("fid"), spec.eval.get("geneval")
     feature_deps = []
-    if fid and fid.get("protocol", "shapes") == "shapes":
+    if fid and spec.data.get("kind") == "shapes":  # Shapes-FID needs its extractor trained on the data
         options = dict(spec.features)
         out = spec.root / "features"
         jobs.append(Job("features", "train_features", {"options": options}, [str(out / "manifest.json")],
@@ -88,8 +88,10 @@ def plan_jobs(spec: Spec) -> list[Job]:
             result_jobs += [j.name for j in run_jobs]
 
     outputs = [str(spec.root / name) for name in ("runs.csv", "runs.parquet", "report.md")]
-    jobs.append(Job("report", "make_report", {"columns": table_columns(spec)}, outputs, deps=result_jobs,
-                    resources=spec.resources_for("report"), command=_cmd("fluidbench", "report", spec.root)))
+    options = {"offset": bool(spec.report.get("offset", False)), "n_boot": int(spec.report.get("n_boot", 1000))}
+    jobs.append(Job("report", "make_report", {"columns": table_columns(spec), **options}, outputs, deps=result_jobs,
+                    resources=spec.resources_for("report"), command=_cmd("fluidbench", "report", spec.root,
+                                 options={"n_boot": options["n_boot"]}) + (" --offset" if options["offset"] else "")))
     return jobs
 
 
@@ -165,10 +167,18 @@ def make_data(spec: Spec, options: dict) -> None:
 
 
 def train_tokenizer(spec: Spec, kind: str, options: dict) -> None:
-    """Our own tokenizer on the sweep's data (`fluidbench tokenizer train`)."""
-    from harness.commands.tokenizer import train_and_save
+    """Our own tokenizer on the sweep's data (`fluidbench tokenizer train`, run in this process)."""
+    argv = ["tokenizer", "train", "--kind", kind, "--data", str(spec.data_dir()), "--out", str(spec.tokenizer_dir(kind))]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    _cli(argv)
 
-    train_and_save(kind=kind, data=spec.data_dir(), out=spec.tokenizer_dir(kind), **options)
+
+def _cli(argv: list[str]) -> None:
+    """A fluidbench command in this process (for commands that have no Python function of their own)."""
+    from harness.cli import app
+
+    app(args=argv, prog_name="fluidbench", standalone_mode=False)
 
 
 def train_features(spec: Spec, options: dict) -> None:
@@ -227,48 +237,59 @@ def train_run(spec: Spec, values: dict) -> None:
     train(RunConfig.from_overrides(values))
 
 
-def _settings(sampling: dict, settings: dict) -> Any:
+def _settings(sampling: dict) -> Any:
     from eval.sampling import SamplingSettings
 
-    known = set(SamplingSettings.__dataclass_fields__)
-    return SamplingSettings(**{k: v for k, v in {**sampling, **settings}.items() if k in known})
+    unknown = set(sampling) - set(SamplingSettings.__dataclass_fields__)
+    if unknown:
+        raise FluidbenchError(f"sweep spec eval.sampling.{sorted(unknown)[0]}: unknown (known: "
+                              f"{', '.join(SamplingSettings.__dataclass_fields__)})")
+    return SamplingSettings(**sampling)
+
+
+def _evaluate(spec: Spec, metric: str, run: str, settings: dict, sampling: dict) -> None:
+    """`eval.run_eval.eval_<metric>(RUN, settings=..., **spec.eval.<metric>)`: sample the run's EMA weights,
+    score, write RUN/eval/<metric>.json. The spec's keys are that function's keyword arguments."""
+    from eval import run_eval
+
+    fn = getattr(run_eval, f"eval_{metric}")
+    kwargs = {k: v for k, v in settings.items() if k != "ceiling"}
+    if metric == "fid" and (spec.root / "features" / "manifest.json").is_file():
+        kwargs.setdefault("weights", str(spec.root / "features"))  # the sweep's Shapes-FID extractor
+        kwargs.setdefault("cache_dir", str(spec.root / "fid-ref"))
+    if metric == "geneval" and geneval_prompts(spec) is not None:
+        kwargs.setdefault("prompts", str(geneval_prompts(spec)))
+    problems = eval_setting_problems(metric, kwargs)
+    if problems:
+        raise FluidbenchError(problems[0])
+    fn(Path(run), settings=_settings(sampling), **kwargs)
+
+
+def eval_setting_problems(metric: str, settings: dict) -> list[str]:
+    """Spec keys under eval.<metric> that eval.run_eval.eval_<metric> does not take (the dry run warns)."""
+    import inspect
+
+    from eval import run_eval
+
+    accepted = [k for k in inspect.signature(getattr(run_eval, f"eval_{metric}")).parameters
+                if k not in ("run_dir", "settings")]
+    return [f"sweep spec eval.{metric}.{key}: not a setting of eval_{metric} (known: {', '.join(accepted)})"
+            for key in settings if key not in accepted and key != "ceiling"]
 
 
 def eval_fid(spec: Spec, run: str, settings: dict, sampling: dict) -> None:
-    """FID of the run's samples (`fluidbench eval fid`): Shapes-FID with the sweep's extractor, or COCO."""
-    from harness.commands.eval_run import run_fid
-
-    settings = dict(settings)
-    if settings.get("protocol", "shapes") == "shapes":
-        settings.setdefault("features", str(spec.root / "features"))
-    run_fid(Path(run), sampling=_settings(sampling, settings), **_without(settings, sampling_keys()))
+    """FID of the run's samples (`fluidbench eval fid`): Shapes-FID with the sweep's extractor, or COCO-30K."""
+    _evaluate(spec, "fid", run, settings, sampling)
 
 
 def eval_geneval(spec: Spec, run: str, settings: dict, sampling: dict) -> None:
     """GenEval of the run (`fluidbench eval geneval`) on the sweep's prompt file."""
-    from harness.commands.eval_run import run_geneval
-
-    prompts = geneval_prompts(spec)
-    settings = {**settings, **({"prompts": str(prompts)} if prompts else {})}
-    settings.pop("ceiling", None)
-    run_geneval(Path(run), sampling=_settings(sampling, settings), **_without(settings, sampling_keys()))
+    _evaluate(spec, "geneval", run, settings, sampling)
 
 
 def eval_clipscore(spec: Spec, run: str, settings: dict, sampling: dict) -> None:
-    """CLIP score of the run's samples against their prompts (`fluidbench eval clipscore`)."""
-    from harness.commands.eval_run import run_clipscore
-
-    run_clipscore(Path(run), sampling=_settings(sampling, settings), **_without(settings, sampling_keys()))
-
-
-def sampling_keys() -> set[str]:
-    from eval.sampling import SamplingSettings
-
-    return set(SamplingSettings.__dataclass_fields__)
-
-
-def _without(values: dict, keys: set[str]) -> dict:
-    return {k: v for k, v in values.items() if k not in keys}
+    """CLIP score of the run's samples against their captions (`fluidbench eval clipscore`)."""
+    _evaluate(spec, "clipscore", run, settings, sampling)
 
 
 def sample_grid(spec: Spec, run: str, prompts: list[str], per_prompt: int, seed: int, sampling: dict) -> None:
@@ -279,7 +300,7 @@ def sample_grid(spec: Spec, run: str, prompts: list[str], per_prompt: int, seed:
     from harness.runs import load_run
 
     loaded = load_run(Path(run))
-    settings = _settings({**sampling, "seed": seed}, {"batch_size": len(prompts) * per_prompt})
+    settings = _settings({**sampling, "seed": seed, "batch_size": len(prompts) * per_prompt})
     captions = [p for p in prompts for _ in range(per_prompt)]
     images = [image for _, image in generate(loaded, captions, settings, progress=False)]
     out = Path(run) / "eval"
@@ -288,10 +309,10 @@ def sample_grid(spec: Spec, run: str, prompts: list[str], per_prompt: int, seed:
     write_bytes(out / "samples.png", png_bytes(image_grid(images, ncols=per_prompt)))
 
 
-def make_report(spec: Spec, columns: list[str]) -> None:
+def make_report(spec: Spec, columns: list[str], offset: bool, n_boot: int) -> None:
     """The results table from the run folders, then report.md and the plots (`fluidbench report`)."""
     from harness.report import collect_runs, write_report, write_table
 
     table = collect_runs(spec.root)
     write_table(table, spec.root, columns)
-    write_report(spec.root, table=table[[c for c in table.columns if c in columns]])
+    write_report(spec.root, table=table[[c for c in table.columns if c in columns]], offset=offset, n_boot=n_boot)

@@ -4,8 +4,9 @@ A spec is a YAML file: the shipped ones live in harness/specs/ (`embedded`, `flu
 too. `plan(spec)` turns it into an ordered list of `Job`s (data, tokenizers, Shapes-FID features, tokenizer
 ceilings, one training job per (variant, size), its evaluations, the report), each naming the stage function
 (harness/stages.py) that does the work, the files that prove it done, the jobs it waits for and the resources
-it needs on a cluster. Executors: `run_local` runs the jobs one after another in this process;
-harness/slurm.py submits them through submitit with Slurm dependencies.
+it needs on a cluster. Executors: harness/local.py runs them on this machine (one at a time in this process,
+or a few side by side in worker processes); harness/slurm.py submits them through submitit with Slurm
+dependencies.
 
 Idempotent: a job whose outputs exist and whose stamp (SWEEP/.stages/<job>.json, written when it finishes)
 carries the same settings key is skipped; a training job that did not finish resumes from its run's latest
@@ -14,14 +15,12 @@ A job whose settings changed since it ran is an error naming the folder to delet
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from harness.atomic import append_jsonl, read_jsonl, write_json
 from harness.errors import FluidbenchError
@@ -69,6 +68,8 @@ class Spec:
     eval: dict = field(default_factory=dict)        # fid, geneval, clipscore, grid, sampling
     resources: dict = field(default_factory=dict)   # default, prep, train (per size), eval, report
     cluster: dict = field(default_factory=dict)     # GPU model numbers for the scale plan
+    local: dict = field(default_factory=dict)       # local executor: workers, threads, exclusive (harness/local.py)
+    report: dict = field(default_factory=dict)      # offset (fit + c), n_boot (bootstrap resamples)
     note: str = ""
 
     @property
@@ -287,74 +288,7 @@ def write_snapshot(spec: Spec) -> None:
     write_json(spec.root / "sweep.json", asdict(spec))
 
 
-# --------------------------------------------------------------------------------------------- executors
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def run_local(spec: Spec, jobs: list[Job] | None = None, only: Callable[[Job], bool] | None = None,
-              keep_going: bool = True) -> dict[str, str]:
-    """Run the jobs one after another in this process; returns {job: "skipped" | "done" | "failed" | "blocked"}.
-
-    A failed job blocks the jobs that wait for it and the sweep goes on with the others (`keep_going`), so one
-    diverging run does not cost the rest; the report is drawn from whatever finished.
-    """
-    jobs = plan(spec) if jobs is None else jobs
-    write_snapshot(spec)
-    status: dict[str, str] = {}
-    ran: set[str] = set()
-    t_start = time.time()
-    selected = [j for j in jobs if only is None or only(j)]
-    for i, job in enumerate(selected, 1):
-        prefix = f"[sweep {spec.name} {i}/{len(selected)} {_clock(time.time() - t_start)}] {job.name}"
-        blocked = [d for d in job.deps if status.get(d) in ("failed", "blocked")]
-        if blocked and job.stage != "report":
-            status[job.name] = "blocked"
-            _say(f"{prefix}: blocked by failed {blocked[0]}")
-            log_event(spec, "blocked", job.name, by=blocked[0])
-            continue
-        # a job is redone when something it reads was redone in this invocation (the report, mostly)
-        if not (set(job.deps) & ran) and is_done(spec, job):
-            status[job.name] = "skipped"
-            _say(f"{prefix}: done already, skipped")
-            log_event(spec, "skip", job.name)
-            continue
-        _say(f"{prefix}: running  ({job.command})")
-        log_event(spec, "start", job.name)
-        t0 = time.time()
-        try:
-            run_job(spec, job)
-        except KeyboardInterrupt:
-            log_event(spec, "interrupted", job.name)
-            raise
-        except Exception as e:  # noqa: BLE001 - recorded, reported, and the sweep goes on
-            if not keep_going:
-                raise
-            status[job.name] = "failed"
-            message = " ".join(str(e).split()) or type(e).__name__
-            _say(f"{prefix}: FAILED after {time.time() - t0:.0f}s: {type(e).__name__}: {message}")
-            log_event(spec, "failed", job.name, error=f"{type(e).__name__}: {message}")
-            continue
-        status[job.name] = "done"
-        ran.add(job.name)
-        _say(f"{prefix}: done in {time.time() - t0:.0f}s")
-        log_event(spec, "done", job.name, seconds=round(time.time() - t0, 1))
-    _say(f"[sweep {spec.name}] finished in {_clock(time.time() - t_start)}: "
-         + ", ".join(f"{n} {s}" for s, n in _count(status).items()))
-    return status
-
-
-def _count(status: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in status.values():
-        out[s] = out.get(s, 0) + 1
-    return out
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
-
-
+# ------------------------------------------------------------------------------------------------ dry run
 def describe(spec: Spec, jobs: list[Job], executor: str) -> str:
     """The dry run: every job with its state, resources (Slurm) and command."""
     lines = [f"sweep {spec.name}: {len(jobs)} jobs, {sum(j.stage == 'train_run' for j in jobs)} training runs, "
@@ -371,8 +305,9 @@ def describe(spec: Spec, jobs: list[Job], executor: str) -> str:
             kind = "afterany" if job.stage == "make_report" else "afterok"
             lines.append(f"    after:     {', '.join(job.deps)} ({kind})")
         lines.append(f"    command:   {job.command}")
+    from harness.stages import EVAL_METRICS, eval_setting_problems
+
+    for metric in EVAL_METRICS:
+        for problem in eval_setting_problems(metric, spec.eval.get(metric) or {}):
+            lines.append(f"warning: {problem}")
     return "\n".join(lines)
-
-
-def copy_spec(spec: Spec) -> Spec:
-    return copy.deepcopy(spec)

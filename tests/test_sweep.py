@@ -121,3 +121,79 @@ def test_slurm_training_job_saves_on_preemption_then_requeues(tmp_path, monkeypa
     assert events == ["trainer saved", "requeued"]
     resubmitted = SweepJob(spec, "train/kl-random-cpu-xs").checkpoint()
     assert resubmitted.function.job_name == "train/kl-random-cpu-xs"
+
+
+MICRO = """
+name: micro
+data: {kind: shapes, shapes: {seed: 0, train: 192, val: 48, size: 32, prompts_per_task: 2}}
+tokenizers:
+  vq: {train: {steps: 3, budget_s: 20}}
+  kl: {train: {steps: 3, budget_s: 20}}
+text: {encoder: minilm, max_length: 16}
+ladder: cpu
+variants: [vq-random, kl-raster]      # both token kinds, both orders
+sizes: [cpu-xs, cpu-s]
+run:
+  train: {steps: 4, batch_size: 8, log_every: 2, val_every: 0, ckpt_every: 2, val_size: 16, val_batch_size: 16}
+  optim: {lr: 1.0e-3, warmup_steps: 1}
+features: {steps: 5, batch_size: 16}
+eval:
+  sampling: {steps: 4, head_steps: 3, batch_size: 32, seed: 0}
+  fid: {n: 16, extractor: shapes}
+  geneval: {per_prompt: 1, detector: shapes-oracle, ceiling: true}
+  clipscore: null
+  grid: {prompts: [a photo of a red circle, a photo of two squares], per_prompt: 2}
+local: {workers: 2, threads: 1}
+report: {n_boot: 100}
+"""
+
+
+def _events(spec, since: int = 0) -> list[tuple[str, str]]:
+    from harness.sweep import read_log
+
+    return [(e["event"], e["job"]) for e in read_log(spec)[since:]]
+
+
+@pytest.mark.slow
+def test_micro_sweep_end_to_end_then_resume_then_no_work(tmp_path, monkeypatch):
+    """Two variants x two tiny sizes through every stage; a lost result is redone (in a worker process) and
+    nothing else; a third invocation does no work; the table is the same each time."""
+    import pandas as pd
+
+    from harness.local import run_local
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "micro.yaml").write_text(MICRO)
+    spec = load_spec(tmp_path / "micro.yaml", out=tmp_path / "sweep")
+    jobs = plan(spec)
+    assert sum(j.stage == "train_run" for j in jobs) == 4
+
+    status = run_local(spec, workers=1)  # in this process
+    assert set(status.values()) == {"done"}, status
+    root = spec.root
+    table = pd.read_csv(root / "runs.csv")
+    assert len(table) == 4 and not table.isna().any().any()  # every column measured, no CLIP-score column
+    assert "clip_score" not in table.columns
+    assert {"val_loss", "fid", "geneval_overall", "geneval_counting", "seconds_per_image"} <= set(table.columns)
+    assert (root / "report.md").is_file() and (root / "loss_vs_params.png").is_file()
+    assert json.loads((root / "tokenizers" / "kl" / "ceiling.json").read_text())["true_scenes_overall"] == 1.0
+    for run in table["run"]:
+        assert (root / "runs" / run / "eval" / "samples.png").is_file()
+
+    # A sweep killed after an evaluation finished but before it was recorded: only that job and the report rerun
+    lost = next(j for j in jobs if j.name == "eval/fid/kl-raster-cpu-s")
+    Path(lost.outputs[0]).unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in root.glob("runs/*/summary.json")}
+    n = len(_events(spec))
+    status = run_local(spec)  # the spec's 2 workers: the lost job runs in a worker process
+    redone = sorted(name for event, name in _events(spec, n) if event == "done")
+    assert redone == ["eval/fid/kl-raster-cpu-s", "report"]
+    assert {p: p.stat().st_mtime_ns for p in root.glob("runs/*/summary.json")} == mtimes
+    pd.testing.assert_frame_equal(pd.read_csv(root / "runs.csv"), table)
+
+    n = len(_events(spec))
+    before = (root / "runs.csv").stat().st_mtime_ns
+    status = run_local(spec)
+    assert set(status.values()) == {"skipped"} and len(status) == len(jobs)
+    assert {e for e, _ in _events(spec, n)} == {"skip"}
+    assert (root / "runs.csv").stat().st_mtime_ns == before

@@ -48,7 +48,9 @@ def sweep(
 
         submit(loaded, jobs)
         return
-    status = sweeps.run_local(loaded, jobs)
+    from harness.local import run_local
+
+    status = run_local(loaded, jobs)
     failed = [name for name, s in status.items() if s in ("failed", "blocked")]
     if failed:
         typer.echo(f"{len(failed)} job(s) failed or blocked: {', '.join(failed)} (details: "

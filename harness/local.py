@@ -1,0 +1,230 @@
+"""The local executor: the jobs of a sweep on this machine, one at a time or a few side by side.
+
+With `workers: 1` (the default) each job runs in this process, its own progress bars on the terminal. With
+`local.workers: N` in the spec, up to N jobs run at once, each in a fresh process with `local.threads` torch
+threads and its output in SWEEP/logs/<job>.log; small models use one core far better as N processes than as N
+threads of one. Jobs matching `local.exclusive` (e.g. the time-budgeted tokenizers) run alone with every
+thread. Every ~`local.status_every` seconds a line per running job shows its latest progress.
+
+A failed job blocks the jobs that wait for it; the others go on, so one diverging run does not cost the
+rest, and the report is drawn from whatever finished. Ctrl-C stops the running jobs with SIGTERM (a trainer
+saves a checkpoint) and the next invocation resumes.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from fnmatch import fnmatch
+from pathlib import Path
+
+from harness.sweep import Job, Spec, is_done, log_event, plan, run_job, write_snapshot
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
+
+
+class _Book:
+    """Job states of one invocation and the decisions that follow from them."""
+
+    def __init__(self, spec: Spec, jobs: list[Job]):
+        self.spec, self.jobs = spec, jobs
+        self.status: dict[str, str] = {}
+        self.ran: set[str] = set()
+        self.t_start = time.time()
+        self.index = {j.name: i for i, j in enumerate(jobs, 1)}
+
+    def prefix(self, job: Job) -> str:
+        return (f"[sweep {self.spec.name} {self.index[job.name]}/{len(self.jobs)} "
+                f"{_clock(time.time() - self.t_start)}] {job.name}")
+
+    def blocked_by(self, job: Job) -> str | None:
+        if job.stage == "make_report":  # the report draws whatever finished
+            return None
+        return next((d for d in job.deps if self.status.get(d) in ("failed", "blocked")), None)
+
+    def waiting(self, job: Job) -> bool:
+        """A dependency planned in this invocation has not finished yet."""
+        return any(d in self.index and self.status.get(d) not in ("done", "skipped", "failed", "blocked")
+                   for d in job.deps)
+
+    def settle(self, job: Job) -> bool:
+        """Mark a job blocked or skipped when it needs no running; True when it was settled."""
+        blocker = self.blocked_by(job)
+        if blocker:
+            self.status[job.name] = "blocked"
+            _say(f"{self.prefix(job)}: blocked by failed {blocker}")
+            log_event(self.spec, "blocked", job.name, by=blocker)
+            return True
+        # redone when something it reads was redone in this invocation (the report, mostly)
+        if not (set(job.deps) & self.ran) and is_done(self.spec, job):
+            self.status[job.name] = "skipped"
+            _say(f"{self.prefix(job)}: done already, skipped")
+            log_event(self.spec, "skip", job.name)
+            return True
+        return False
+
+    def started(self, job: Job) -> None:
+        self.status[job.name] = "running"
+        _say(f"{self.prefix(job)}: running  ({job.command})")
+        log_event(self.spec, "start", job.name)
+
+    def finished(self, job: Job, seconds: float, error: str | None) -> None:
+        if error is None:
+            self.status[job.name] = "done"
+            self.ran.add(job.name)
+            _say(f"{self.prefix(job)}: done in {seconds:.0f}s")
+            log_event(self.spec, "done", job.name, seconds=round(seconds, 1))
+        else:
+            self.status[job.name] = "failed"
+            _say(f"{self.prefix(job)}: FAILED after {seconds:.0f}s: {error}")
+            log_event(self.spec, "failed", job.name, error=error)
+
+    def summary(self) -> None:
+        counts: dict[str, int] = {}
+        for s in self.status.values():
+            counts[s] = counts.get(s, 0) + 1
+        _say(f"[sweep {self.spec.name}] finished in {_clock(time.time() - self.t_start)}: "
+             + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def run_local(spec: Spec, jobs: list[Job] | None = None, workers: int | None = None) -> dict[str, str]:
+    """Run the jobs here; returns {job name: "skipped" | "done" | "failed" | "blocked"}."""
+    jobs = plan(spec) if jobs is None else jobs
+    write_snapshot(spec)
+    workers = int(spec.local.get("workers", 1) if workers is None else workers)
+    book = _Book(spec, jobs)
+    if workers <= 1:
+        _sequential(book)
+    else:
+        _parallel(book, workers)
+    book.summary()
+    return {k: v for k, v in book.status.items()}
+
+
+def _sequential(book: _Book) -> None:
+    for job in book.jobs:
+        if book.settle(job):
+            continue
+        book.started(job)
+        t0 = time.time()
+        try:
+            run_job(book.spec, job)
+        except KeyboardInterrupt:
+            log_event(book.spec, "interrupted", job.name)
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded and reported; the sweep goes on
+            book.finished(job, time.time() - t0, _error(e))
+            if os.environ.get("FLUIDBENCH_DEBUG"):
+                traceback.print_exc()
+            continue
+        book.finished(job, time.time() - t0, None)
+
+
+# ----------------------------------------------------------------------------------------------- parallel
+def _child(spec: Spec, job: Job, threads: int, log_path: str, error_path: str) -> None:
+    """Entry point of a worker process: threads set before torch loads, output to the job's log."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import torch
+
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
+    try:
+        run_job(spec, job)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent through the error file
+        traceback.print_exc()
+        Path(error_path).write_text(_error(e))
+        sys.exit(1)
+
+
+def _latest_line(log_path: Path) -> str:
+    """The last progress line a job wrote (tqdm rewrites its line with carriage returns)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    parts = [ANSI.sub("", p).strip() for p in re.split(r"[\r\n]", tail)]
+    parts = [p for p in parts if p]
+    return parts[-1][:160] if parts else ""
+
+
+def _parallel(book: _Book, workers: int) -> None:
+    spec = book.spec
+    threads = int(spec.local.get("threads", 1))
+    exclusive = list(spec.local.get("exclusive", []))
+    status_every = float(spec.local.get("status_every", 20))
+    logs = spec.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pools
+    running: dict[str, tuple] = {}
+    pending = list(book.jobs)
+    last_status = time.time()
+    try:
+        while pending or running:
+            for name, (proc, job, t0, slots, err) in list(running.items()):
+                if proc.is_alive():
+                    continue
+                proc.join()
+                del running[name]
+                error = None
+                if proc.exitcode != 0:
+                    error = err.read_text() if err.is_file() else f"exit code {proc.exitcode} (see {logs})"
+                book.finished(job, time.time() - t0, error)
+            used = sum(r[3] for r in running.values())
+            for job in list(pending):
+                if book.waiting(job):
+                    continue
+                if book.settle(job):
+                    pending.remove(job)
+                    continue
+                alone = any(fnmatch(job.name, pattern) for pattern in exclusive)
+                slots = workers if alone else 1
+                if used + slots > workers:
+                    if alone:
+                        break  # hold the queue until the machine is free for it: no starvation
+                    continue
+                name = job.name.replace("/", "__")
+                log_path, err = logs / f"{name}.log", logs / f"{name}.error"
+                err.unlink(missing_ok=True)
+                proc = ctx.Process(target=_child, args=(spec, job, workers * threads if alone else threads,
+                                                        str(log_path), str(err)), daemon=False)
+                book.started(job)
+                proc.start()
+                running[job.name] = (proc, job, time.time(), slots, err)
+                pending.remove(job)
+                used += slots
+            if running and time.time() - last_status > status_every:
+                last_status = time.time()
+                for name, (_, job, t0, _, _) in running.items():
+                    log_path = logs / f"{name.replace('/', '__')}.log"
+                    _say(f"    {name} ({_clock(time.time() - t0)}): {_latest_line(log_path)}")
+            if pending and not running and all(book.waiting(j) for j in pending):
+                raise RuntimeError(f"sweep stuck: {pending[0].name} waits for jobs that will not run")
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        for name, (proc, *_rest) in running.items():
+            proc.terminate()  # SIGTERM: a trainer saves a checkpoint and stops
+            log_event(spec, "interrupted", name)
+        for proc, *_rest in running.values():
+            proc.join(timeout=120)
+        raise
