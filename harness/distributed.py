@@ -2,8 +2,8 @@
 
 The variant knows nothing of distribution; its `forward` is its loss, the method DDP's and FSDP2's hooks wrap.
 `parallelize` optionally checkpoints activations and compiles each block, then applies DDP or FSDP2
-(`fully_shard` per block, then the root). Blocks are found from outside: the
-elements of every outermost `nn.ModuleList` in the variant (the backbone's, the aligner's, the head's).
+(`fully_shard` per block, then the root). The blocks are the variant's own `blocks()` (aligner, backbone and
+diffusion-head blocks), else the elements of every outermost `nn.ModuleList`.
 
 State dicts are always full and keyed by the variant's own parameter names, whatever the strategy, so a
 checkpoint written by 8 FSDP2 ranks loads into a single-process model (and back).
@@ -96,14 +96,17 @@ def per_rank_batch(global_batch: int, info: DistInfo, field: str = "train.batch_
     return global_batch // info.world_size
 
 
-def blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
-    """(list, index) of every element of every outermost ModuleList that holds parameters."""
-    found = []
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: the model's own list (`model.blocks()`, each doing all its work inside `forward`),
+    else the elements of every outermost ModuleList that hold parameters."""
+    if callable(getattr(model, "blocks", None)):
+        return list(model.blocks())
+    found: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
             if isinstance(child, nn.ModuleList):
-                found.extend((child, i) for i, m in enumerate(child) if any(True for _ in m.parameters()))
+                found.extend(m for m in child if any(True for _ in m.parameters()))
             else:
                 visit(child)
 
@@ -112,25 +115,26 @@ def blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
 
 
 def parallelize(variant: nn.Module, cfg: DistConfig, info: DistInfo) -> nn.Module:
-    """The training module: the variant with activation checkpointing, compile, then DDP or FSDP2."""
-    for parent, i in blocks(variant):
+    """The training module: the variant with activation checkpointing and compile per block (in place, so
+    parameter names do not change), then DDP, or FSDP2 `fully_shard` per block and then the root."""
+    units = blocks(variant)
+    for block in units:
         if cfg.activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-            parent[i] = checkpoint_wrapper(parent[i])  # its state-dict hooks keep the parameter names
+            from torch.distributed._composable import checkpoint
+            checkpoint(block)
         if cfg.compile:
-            parent[i].compile()  # in place: parameter names unchanged
-    model = variant
+            block.compile()
     if info.world_size == 1:
-        return model
+        return variant
     if cfg.strategy == "fsdp2":
         from torch.distributed.fsdp import fully_shard
-        for parent, i in blocks(variant):
-            fully_shard(parent[i])
-        fully_shard(model)
-        return model
+        for block in units:
+            fully_shard(block)
+        fully_shard(variant)
+        return variant
     from torch.nn.parallel import DistributedDataParallel
-    # find_unused_parameters: a step may skip a parameter (e.g. the null text when no caption is dropped)
-    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+    # find_unused_parameters: a step may leave a parameter out of the graph (the variant decides what it uses)
+    return DistributedDataParallel(variant, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                                    find_unused_parameters=True)
 
 

@@ -27,6 +27,7 @@ def tiny_inputs(root: Path) -> dict[str, Path]:
     from variants.tokenizer_train import TokenizerTrainConfig, build_tokenizer
     from variants.tokenizers import save_tokenizer
 
+    root.mkdir(parents=True, exist_ok=True)
     write_shapes(root / "data", seed=0, n_train=32, n_val=8, prompts_per_task=1, progress=False)
     for kind in ("vq", "kl"):
         torch.manual_seed(0)
@@ -67,7 +68,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    return tiny_inputs(tmp_path_factory.mktemp("inputs"))
+    return shared_inputs(tmp_path_factory)
+
+
+def shared_inputs(tmp_path_factory) -> dict[str, Path]:
+    """tiny_inputs made once per test session (test_distributed uses them too), with their token caches."""
+    root = tmp_path_factory.getbasetemp() / "train-inputs"
+    if not (root / "tok-kl" / "tokenizer.json").exists():
+        return tiny_inputs(root)
+    return {"data": root / "data", "vq": root / "tok-vq", "kl": root / "tok-kl"}
 
 
 @pytest.fixture(scope="module")
