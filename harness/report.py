@@ -69,7 +69,9 @@ def collect_run(run: Path) -> dict[str, Any]:
         stats = {**source, **(source.get("sampling_stats") or {})}
         if stats.get("seconds_per_image") is not None:
             row["seconds_per_image"] = stats["seconds_per_image"]
-            row["forward_passes_per_image"] = stats.get("forward_passes_per_image")
+            # the compute-relevant count (x2 with guidance); eval.sampling names it with a doubled suffix
+            row["forward_passes_per_image"] = stats.get("forward_passes_per_image_per_image",
+                                                        stats.get("forward_passes_per_image"))
             break
     return {c: (np.nan if row.get(c) is None else row[c]) for c in COLUMNS}
 
@@ -154,12 +156,13 @@ def _verdict(wins: int, total: int) -> str:
 def findings(table: pd.DataFrame, fits: dict[str, PowerLawFit]) -> list[tuple[str, str, str]]:
     """(finding, verdict, evidence) for each of the paper's findings, judged on the measured runs."""
     out = []
-    ok = [v for v, f in fits.items() if f.r2 >= 0.9 and f.alpha_lo > 0]
-    evidence = "; ".join(f"{v}: alpha {f.alpha:.3f} [{f.alpha_lo:.3f}, {f.alpha_hi:.3f}], R^2 {f.r2:.3f}"
-                         for v, f in fits.items()) or "no variant has >= 2 sizes with a validation loss"
-    out.append(("Validation loss of every variant follows a power law in model size (R^2 >= 0.9 in log-log "
-                "and the 95% interval of alpha above 0)", _verdict(len(ok), table["variant"].nunique()),
-                evidence))
+    judged = {v: f for v, f in fits.items() if f.n_points >= 3}  # two points fit any power law exactly
+    ok = [v for v, f in judged.items() if f.r2 >= 0.9 and f.alpha_lo > 0]
+    evidence = "; ".join(f"{v}: alpha {f.alpha:.3f} [{f.alpha_lo:.3f}, {f.alpha_hi:.3f}], R^2 {f.r2:.3f}, "
+                         f"{f.n_points} sizes" for v, f in fits.items()) or "no variant has 2 sizes with a loss"
+    out.append(("Validation loss of every variant follows a power law in model size (3+ sizes, R^2 >= 0.9 in "
+                "log-log and the 95% interval of alpha above 0)",
+                _verdict(len(ok), table["variant"].nunique()) if judged else "not measured", evidence))
 
     pairs = _paired(table, "fid", "token_kind", "kl", "vq")
     wins = sum(kl < vq for _, _, kl, vq in pairs)

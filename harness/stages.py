@@ -55,6 +55,17 @@ def plan_jobs(spec: Spec) -> list[Job]:
                                      "--out", out, options=options)))
         tok_deps[kind] = [f"tokenizer/{kind}"]
 
+    # Tokens and text of the training data, encoded once per token kind before any run reads them, so runs
+    # side by side never build the same cache twice (and 256 GPUs never wait on one rank encoding it).
+    for kind in kinds:
+        variant = next(v for v, _ in spec.runs() if token_kind(v) == kind)
+        values = run_config_values(spec, variant, next(s for v, s in spec.runs() if v == variant))
+        jobs.append(Job(f"cache/{kind}", "build_cache", {"values": values},
+                        [str(spec.root / "cache" / f"{kind}.json")], deps=data_deps + tok_deps[kind],
+                        resources=prep, command=f"fluidbench sweep {spec.name} --only cache/{kind}  # tokens + text "
+                                                f"of the train and val splits (what `fluidbench train` caches)"))
+        tok_deps[kind] = tok_deps[kind] + [f"cache/{kind}"]
+
     fid, geneval = spec.eval.get("fid"), spec.eval.get("geneval")
     feature_deps = []
     if fid and spec.data.get("kind") == "shapes":  # Shapes-FID needs its extractor trained on the data
@@ -226,6 +237,21 @@ def geneval_prompts(spec: Spec) -> Path | None:
     if path:
         return Path(path)
     return spec.data_dir() / "geneval_metadata.jsonl" if spec.data.get("kind") == "shapes" else None
+
+
+def build_cache(spec: Spec, values: dict) -> None:
+    """The cached train and val splits of one token kind (the same cache `fluidbench train` opens)."""
+    import torch
+
+    from harness.cache import CachedSplit
+    from harness.config import RunConfig
+    from harness.runs import load_text_encoder, load_tokenizer
+
+    cfg = RunConfig.from_overrides(values)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, text_encoder = load_tokenizer(cfg, device), load_text_encoder(cfg, device)
+    folders = {split: str(CachedSplit.open(cfg, split, tokenizer, text_encoder).folder) for split in ("train", "val")}
+    write_json(spec.root / "cache" / f"{tokenizer.kind}.json", {"folders": folders, "tokenizer": cfg.tokenizer.path})
 
 
 # ----------------------------------------------------------------------------------------- run stages

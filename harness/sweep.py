@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from harness.atomic import append_jsonl, read_jsonl, write_json
 from harness.errors import FluidbenchError
@@ -268,13 +269,31 @@ def run_job(spec: Spec, job: Job) -> None:
     """Run one job's stage in this process and stamp it done (the same call on a laptop or a Slurm node)."""
     from harness import stages
 
-    t0 = time.time()
-    getattr(stages, job.stage)(spec, **job.args)
-    missing = [o for o in job.outputs if not Path(o).exists()]
-    if missing:
-        raise FluidbenchError(f"sweep job {job.name} stopped without writing {missing[0]} (interrupted? run the "
-                              "sweep again to resume)")
-    stamp(spec, job, time.time() - t0)
+    with job_lock(spec, job):
+        t0 = time.time()
+        getattr(stages, job.stage)(spec, **job.args)
+        missing = [o for o in job.outputs if not Path(o).exists()]
+        if missing:
+            raise FluidbenchError(f"sweep job {job.name} stopped without writing {missing[0]} (interrupted? run "
+                                  "the sweep again to resume)")
+        stamp(spec, job, time.time() - t0)
+
+
+@contextmanager
+def job_lock(spec: Spec, job: Job) -> Iterator[None]:
+    """An exclusive lock per job, so two sweeps on one folder (or an orphaned worker) never run it twice."""
+    import fcntl
+
+    path = stamp_path(spec, job).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FluidbenchError(f"sweep job {job.name} is running in another process (lock {path})") from None
+        except OSError:
+            pass  # a file system without flock: run unlocked
+        yield
 
 
 def stamp(spec: Spec, job: Job, seconds: float) -> None:

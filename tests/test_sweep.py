@@ -197,3 +197,35 @@ def test_micro_sweep_end_to_end_then_resume_then_no_work(tmp_path, monkeypatch):
     assert set(status.values()) == {"skipped"} and len(status) == len(jobs)
     assert {e for e, _ in _events(spec, n)} == {"skip"}
     assert (root / "runs.csv").stat().st_mtime_ns == before
+
+
+def test_a_failed_job_blocks_its_dependents_and_the_report_still_runs(tmp_path, monkeypatch):
+    from harness import stages
+    from harness.local import run_local
+    from harness.sweep import Job
+
+    spec = load_spec("embedded", out=tmp_path / "e")
+    calls = []
+
+    def broken(spec, **_):
+        raise FluidbenchError("data went wrong")
+
+    def fine(name):
+        def stage(spec, out):
+            calls.append(name)
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text("ok")
+        return stage
+
+    monkeypatch.setattr(stages, "make_data", broken, raising=True)
+    monkeypatch.setattr(stages, "train_run", fine("train"))
+    monkeypatch.setattr(stages, "make_report", fine("report"))
+    out = tmp_path / "e"
+    jobs = [Job("data", "make_data", {}, [str(out / "d")]),
+            Job("train/a", "train_run", {"out": str(out / "a")}, [str(out / "a")], deps=["data"]),
+            Job("train/b", "train_run", {"out": str(out / "b")}, [str(out / "b")]),
+            Job("report", "make_report", {"out": str(out / "r")}, [str(out / "r")], deps=["train/a", "train/b"])]
+    status = run_local(spec, jobs, workers=1)
+    assert status == {"data": "failed", "train/a": "blocked", "train/b": "done", "report": "done"}
+    assert calls == ["train", "report"]
+    assert not (out / ".stages" / "data.json").exists() and (out / ".stages" / "train__b.json").exists()
