@@ -1,0 +1,234 @@
+"""Train our own small VQ or KL tokenizer (the embedded default: 32x32 images -> 8x8 tokens) in a few CPU minutes.
+
+The recipe follows REFERENCE.md, "Tokenizers on a CPU budget": diffusers' VQModel collapses to one code with its
+defaults, so VQ uses `legacy=False` (commitment weight on the encoder term), a k-means codebook init from encoder
+outputs and dead-code restarts from current encoder outputs; KL starts with the posterior's log-variance at -10
+(zeroed weights, bias -10) so early samples are not swamped by unit noise. Training stops at a step cap or a
+wall-clock budget, whichever comes first, with a cosine learning rate on the further of the two.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from variants.tokenizers import KLTokenizer, Tokenizer, VQTokenizer, downsampling_factor
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Every setting of a tokenizer training run; written to DIR/metrics.json beside the results."""
+
+    kind: str = "kl"                      # "vq" | "kl"
+    image_size: int = 32
+    grid: int = 8                         # tokens per side
+    patch: int = 1                        # kl: p x p latents per token
+    widths: tuple[int, ...] = (32, 64, 64)  # block_out_channels; len = log2(downsampling) + 1
+    layers_per_block: int = 1
+    latent_channels: int = 8              # kl latent channels; vq code dimension
+    norm_groups: int = 8
+    mid_attention: bool = False           # attention at 8x8 costs steps and did not pay on CPU
+    codebook_size: int = 512              # vq
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    steps: int = 100_000                  # step cap; the time budget usually ends training first
+    time_budget_s: float = 270.0          # wall clock, so the 5-minute target holds on a slower machine
+    mse_weight: float = 1.0               # reconstruction loss = L1 + mse_weight * MSE
+    kl_weight: float = 1e-6
+    commitment: float = 0.25
+    restart_every: int = 20               # vq: re-seed codes unused for this many steps
+    kmeans_iters: int = 10
+    init_logvar: float = -10.0            # kl
+    seed: int = 0
+    threads: int = 0                      # torch threads during training; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vq", "kl"):
+            raise ValueError(f"kind must be 'vq' or 'kl', got {self.kind!r}")
+        factor = downsampling_factor(self.image_size, self.grid, self.patch)
+        if 2 ** (len(self.widths) - 1) != factor:
+            raise ValueError(f"widths {self.widths}: need {int(math.log2(factor)) + 1} levels for "
+                             f"{self.image_size} px -> {self.grid}x{self.grid} tokens (patch {self.patch})")
+        if self.kind == "vq" and self.patch != 1:
+            raise ValueError("patch must be 1 for vq (one code per latent position)")
+
+
+def build_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
+    """A freshly initialised (seeded) tokenizer for `cfg`; its model is what train_tokenizer optimises."""
+    from diffusers import AutoencoderKL, VQModel
+
+    n = len(cfg.widths)
+    common = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                  up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(cfg.widths),
+                  layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
+                  norm_num_groups=cfg.norm_groups, mid_block_add_attention=cfg.mid_attention,
+                  sample_size=cfg.image_size)
+    with torch.random.fork_rng():  # diffusers initialises from the global RNG
+        torch.manual_seed(cfg.seed)
+        if cfg.kind == "vq":
+            model = VQModel(**common, num_vq_embeddings=cfg.codebook_size, vq_embed_dim=cfg.latent_channels)
+            return VQTokenizer(model, image_size=cfg.image_size)
+        model = AutoencoderKL(**common)
+    with torch.no_grad():  # log-variance half of the moments starts at init_logvar: std ~ 0.007, not 1
+        c = cfg.latent_channels
+        model.quant_conv.weight[c:].zero_()
+        model.quant_conv.bias[c:].fill_(cfg.init_logvar)
+    return KLTokenizer(model, image_size=cfg.image_size, patch=cfg.patch)
+
+
+def _to_model(batch: torch.Tensor) -> torch.Tensor:
+    return batch.float() / 127.5 - 1  # uint8 (B, 3, H, W) -> [-1, 1]
+
+
+def _reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, mse_weight: float) -> torch.Tensor:
+    return F.l1_loss(rec, x) + mse_weight * F.mse_loss(rec, x)
+
+
+@torch.no_grad()
+def _kmeans(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """Plain Lloyd k-means (k-means++ would cost more than it buys here); empty clusters re-seeded at random."""
+    centres = vectors[torch.randperm(len(vectors), generator=generator)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(vectors, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, vectors)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
+        empty = counts.squeeze(1) == 0
+        centres = torch.where(empty.unsqueeze(1), centres, sums / counts.clamp(min=1))
+        if empty.any():
+            centres[empty] = vectors[torch.randint(len(vectors), (int(empty.sum()),), generator=generator)]
+    return centres
+
+
+def _encoder_vectors(model, x: torch.Tensor) -> torch.Tensor:
+    h = model.encode(x).latents  # (B, D, g, g)
+    return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*g*g, D)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, images: torch.Tensor,
+                    log: Callable[[dict], None] | None = None) -> tuple[Tokenizer, dict]:
+    """Train on uint8 images (N, 3, H, W); returns the frozen tokenizer and stats (steps, train_s, steps_per_s).
+
+    For kl the latent normalisation (per-channel shift and scale) is estimated from the training images.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1:] != (3, cfg.image_size, cfg.image_size):
+        raise ValueError(f"training images must be uint8 (N, 3, {cfg.image_size}, {cfg.image_size}), "
+                         f"got {images.dtype} {tuple(images.shape)}")
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        tokenizer, stats = _train(cfg, images, log)
+    finally:
+        torch.set_num_threads(threads)
+    if cfg.kind == "kl":
+        _estimate_normalisation(tokenizer, images, torch.Generator().manual_seed(cfg.seed + 1))
+    return tokenizer, stats
+
+
+def _train(cfg: TokenizerTrainConfig, images: torch.Tensor, log) -> tuple[Tokenizer, dict]:
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(cfg)
+    model = tokenizer.model
+    model.requires_grad_(True).train()
+    n = len(images)
+    if cfg.kind == "vq":
+        model.quantize.legacy = False  # diffusers' default puts the commitment weight on the codebook term
+        with torch.no_grad():
+            sample = images[torch.randperm(n, generator=gen)[:32 * cfg.codebook_size // cfg.grid ** 2]]  # ~32 per code
+            vectors = _encoder_vectors(model, _to_model(sample))
+            model.quantize.embedding.weight.copy_(_kmeans(vectors, cfg.codebook_size, cfg.kmeans_iters, gen))
+        usage = torch.zeros(cfg.codebook_size, dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step, elapsed, loss_ema = 0, 0.0, None
+    while step < cfg.steps and elapsed < cfg.time_budget_s:
+        progress = max(step / cfg.steps, elapsed / cfg.time_budget_s)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        lr *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = _to_model(images[torch.randint(n, (cfg.batch_size,), generator=gen)])
+        if cfg.kind == "kl":
+            post = model.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            rec = model.decode(z).sample
+            loss = _reconstruction_loss(rec, x, cfg.mse_weight) + cfg.kl_weight * post.kl().mean()
+        else:
+            h = model.encode(x).latents
+            quant, vq_loss, (_, _, codes) = model.quantize(h)
+            rec = model.decoder(model.post_quant_conv(quant))
+            loss = _reconstruction_loss(rec, x, cfg.mse_weight) + vq_loss
+            usage += torch.bincount(codes.reshape(-1), minlength=cfg.codebook_size)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if cfg.kind == "vq" and step % cfg.restart_every == 0:
+            _restart_dead_codes(model, h.detach(), usage, gen)
+            usage.zero_()
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        elapsed = time.perf_counter() - start
+        if log is not None and (step % 50 == 0 or step == 1):
+            log(dict(step=step, loss=loss_ema, lr=lr, elapsed_s=elapsed))
+    tokenizer.requires_grad_(False).eval()
+    tokenizer._checksum = None
+    return tokenizer, dict(steps=step, train_s=elapsed, steps_per_s=step / max(elapsed, 1e-9), final_loss=loss_ema,
+                           config=asdict(cfg))
+
+
+@torch.no_grad()
+def _restart_dead_codes(model, h: torch.Tensor, usage: torch.Tensor, gen: torch.Generator) -> None:
+    """Codes no batch picked since the last restart move onto current encoder outputs (they drift, codes don't)."""
+    dead = (usage == 0).nonzero().squeeze(1)
+    if len(dead) == 0:
+        return
+    vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    pick = torch.randint(len(vectors), (len(dead),), generator=gen)
+    model.quantize.embedding.weight[dead] = vectors[pick]
+
+
+@torch.no_grad()
+def _estimate_normalisation(tokenizer: KLTokenizer, images: torch.Tensor, gen: torch.Generator,
+                            n: int = 2000) -> None:
+    """Per-channel shift and scale so that normalised latents have zero mean and unit std on the data."""
+    pick = torch.randperm(len(images), generator=gen)[:n]
+    means = []
+    for batch in images[pick].split(256):
+        means.append(tokenizer.model.encode(_to_model(batch)).latent_dist.mean)
+    z = torch.cat(means).transpose(0, 1).reshape(tokenizer.latent_channels, -1)  # (C, N*H*W)
+    tokenizer.shift.copy_(z.mean(1))
+    tokenizer.scale.copy_(1 / z.std(1).clamp(min=1e-6))
+    tokenizer._checksum = None
+
+
+@torch.no_grad()
+def reconstruct(tokenizer: Tokenizer, images: torch.Tensor, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, H, W) -> (reconstructions uint8 (N, 3, H, W), tokens) through encode/decode."""
+    recs, toks = [], []
+    for batch in images.split(batch_size):
+        tokens = tokenizer.encode(_to_model(batch))
+        rec = tokenizer.decode(tokens)
+        recs.append(((rec + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+        toks.append(tokens.cpu())
+    return torch.cat(recs), torch.cat(toks)
+
+
+def psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of uint8 images (N, 3, H, W), on the [0, 255] scale (capped at 100 dB)."""
+    mse = (original.float() - reconstruction.float()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(255.0 ** 2 / mse.clamp(min=255.0 ** 2 * 1e-10)))
+
+
+def reconstruction_metrics(tokenizer: Tokenizer, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Mean per-image PSNR and, for vq, the fraction of the codebook used on `images`; plus the reconstructions."""
+    recs, tokens = reconstruct(tokenizer, images)
+    metrics = dict(psnr=float(psnr(images, recs).mean()), images=len(images))
+    if tokenizer.kind == "vq":
+        metrics["codebook_usage"] = float(torch.unique(tokens).numel() / tokenizer.vocab_size)
+    return metrics, recs
