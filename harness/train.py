@@ -88,10 +88,13 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     autocast_dtype = torch.bfloat16 if use_bf16 else None
 
     # ---- resume ----
-    step, wall_before = 0, 0.0
-    found = load_latest(run)
+    step, wall_before, last_ckpt = 0, 0.0, None
+    found = load_latest(run) if info.is_main else None  # the main process sets corrupt files aside first
+    D.barrier()
+    if not info.is_main:
+        found = load_latest(run, quarantine=False)
     if found is not None:
-        state, path = found
+        state, last_ckpt = found
         D.load_model_state_dict(model, state["ema"])
         ema.copy_from(params)
         D.load_model_state_dict(model, state["model"])
@@ -109,7 +112,7 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
             rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] <= step] \
                 if (run / "metrics.jsonl").exists() else []
             write_text(run / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-            print(f"resuming {run} from {path.name}", file=sys.stderr)
+            print(f"resuming {run} from {last_ckpt.name}", file=sys.stderr)
         del state
     if step > cfg.train.steps:
         raise FluidbenchError(f"{run} is already at step {step}, past train.steps={cfg.train.steps}")
@@ -148,12 +151,13 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     stop = _StopSignal(info.device)
     pbar = _progress(steps, step, info.is_main)
     loss_sum, loss_count = torch.zeros((), device=info.device), 0
-    last_loss, last_val, last_ckpt = float("nan"), float("nan"), None
-    t_log, step_log = time.perf_counter(), step
+    last_loss, last_val = float("nan"), float("nan")
+    train_s = 0.0  # time in training steps only (not validation or checkpoints): for images_per_s
     if step == 0 and cfg.train.val_every:
         last_val = validate()
         log({"step": 0, "val_loss": last_val, "wall_s": wall_s()})
     model.train()
+    t_log, step_log = time.perf_counter(), step
     with stop.installed():
         while step < steps:
             indices = sampler.next_batch()[info.rank * batch_per_rank:(info.rank + 1) * batch_per_rank]
@@ -184,8 +188,9 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
                 if not math.isfinite(last_loss):
                     where = f"; last good checkpoint {last_ckpt or 'none'} kept" if info.is_main else ""
                     raise FluidbenchError(f"train loss is {last_loss} by step {step} (lr {lr:.3g}): stopped{where}")
-                now = time.perf_counter()
-                images_per_s = (step - step_log) * cfg.train.batch_size / (now - t_log)
+                interval_s = time.perf_counter() - t_log
+                train_s += interval_s
+                images_per_s = (step - step_log) * cfg.train.batch_size / interval_s
                 row = {"step": step, "train_loss": last_loss, "lr": lr, "images_per_s": images_per_s,
                        "epoch": sampler.epoch, "wall_s": wall_s()}
                 if do_val:
@@ -193,9 +198,11 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
                 log(row)
                 pbar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
                 loss_sum.zero_()
-                loss_count, t_log, step_log = 0, time.perf_counter(), step
+                loss_count = 0
             if do_ckpt:
                 last_ckpt = save("complete" if last else "running")
+            if loss_count == 0:  # just logged: the next interval starts now
+                t_log, step_log = time.perf_counter(), step
             if not last and stop.requested(every=cfg.train.log_every, step=step):
                 last_ckpt = save("interrupted")
                 pbar.close()
@@ -211,14 +218,13 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
 
     # ---- summary ----
     images = step * cfg.train.batch_size
-    segment_s = time.perf_counter() - t_start
     summary = dict(
         status="complete", variant=cfg.model.variant, size=size_name(cfg), ladder=cfg.model.ladder,
         steps=step, images_seen=images, tokens_seen=images * tokenizer.seq_len,
         train_flops=flops_per_image * images, train_flops_per_image=flops_per_image,
         train_loss=last_loss, val_loss=last_val, params=counts["total"],
         param_counts=counts, wall_s=wall_s(),
-        images_per_s=(step - start_step) * cfg.train.batch_size / segment_s if step > start_step else None,
+        images_per_s=(step - start_step) * cfg.train.batch_size / train_s if step > start_step else None,
         world_size=info.world_size, strategy=cfg.dist.strategy, device=info.device.type, lr=cfg.lr(),
         checkpoint=str(last_ckpt) if last_ckpt else None)
     if info.is_main:
