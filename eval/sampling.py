@@ -45,7 +45,9 @@ class SamplingStats:
     def summary(self) -> dict:
         per_image = self.seconds / max(self.images, 1)
         out = {"images": self.images, "seconds": round(self.seconds, 3), "seconds_per_image": per_image}
-        out.update({f"{k}_per_image": v for k, v in self.cost.items()})
+        # variant.sampling_cost is already per image; name its two bare keys so the table reads unambiguously
+        names = {"forward_passes": "sequential_passes", "flops": "flops_per_image"}
+        out.update({names.get(k, k): v for k, v in self.cost.items()})
         return out
 
 
