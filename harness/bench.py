@@ -1,0 +1,589 @@
+"""`fluidbench bench`: the speed of the four variants, measured the same way for each.
+
+For every variant at each setting (a ladder rung at 64 tokens, and at the paper's 256 tokens): the training step
+as harness/train.py performs it (images/s, tokens/s, the share of the step outside forward + backward); sampling
+at the paper's settings with and without guidance (seconds per image, forward passes counted by a hook on the
+backbone, the time split between text encoder, text aligner, backbone, head, tokenizer decode); raster sampling
+without its KV cache; peak memory; on CUDA achieved TFLOP/s and MFU from the variants' own FLOP accounting.
+
+Warm-up runs are excluded and each number is the median of `reps` runs. The tokenizers are randomly initialised
+ones of our embedded architecture (decode time does not depend on the weights); the text encoder is MiniLM.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = 1
+OUTSIDE_TARGET, KV_TARGET = 0.10, 5.0  # docs/benchmarks.md, issue 8
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s); the first name found in the device name wins.
+PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0)]
+CAPTIONS = ["a red circle", "a blue square to the left of a green triangle", "two yellow stars",
+            "a purple circle above an orange square", "three green triangles", "a white star below a red circle",
+            "a photo of a blue triangle and a yellow square", "four red squares"]
+
+
+@dataclass
+class Setting:
+    """One model shape at which all four variants are measured."""
+    name: str
+    ladder: str
+    size: str
+    seq_len: int
+    vocab_size: int
+    token_dim: int
+    image_size: int           # the stand-in tokenizer's resolution (f4, so grid = image_size / 4)
+    train_batch: int
+    sample_batch: int
+    head_steps: int | None    # diffusion head steps while timing; None = the paper's (100)
+    kv_batch: int = 0         # > 0: also time raster sampling without its KV cache, at this batch
+    options: dict = field(default_factory=dict)  # build_variant options (tests: fewer random-order steps)
+
+
+@dataclass
+class BenchConfig:
+    """Everything that changes the numbers; written into bench.json."""
+    settings: list[Setting]
+    reps: int = 3             # timed sampling runs per measurement (after one instrumented warm-up run)
+    train_warmup: int = 2
+    train_reps: int = 5
+    threads: int = 0          # torch intra-op threads; 0 = torch's default
+    device: str = "auto"      # auto | cpu | cuda
+    dtype: str = "auto"       # auto (bf16 autocast on CUDA) | fp32 | bf16
+    compile: bool = False     # torch.compile each block (harness.distributed.parallelize)
+    peak_tflops: float | None = None  # for MFU; None = the table above (CUDA only)
+    text_encoder: str = "minilm"      # minilm | random (no text-encoder cost: tests, machines without MiniLM)
+    seed: int = 0
+    variants: list[str] = field(default_factory=lambda: ["vq-raster", "vq-random", "kl-raster", "kl-random"])
+
+
+def bench_config(size: str = "cpu-s", *, ladder: str = "cpu", quick: bool = False, device: str = "auto",
+                 head_steps: int | None = None, **overrides: Any) -> BenchConfig:
+    """The default settings: `size` at 64 and at 256 tokens. On a CPU: small batches and 5 head steps (the paper's
+    100 x 256 tokens take minutes there; both counts are recorded, with an estimate at 100). `quick` (tests,
+    smoke runs): the smallest rung, batches of 1-4, 2 head steps, one timed repetition."""
+    from variants.registry import LADDER_SHAPES
+    cuda = _device(device).type == "cuda"
+    small, paper = LADDER_SHAPES["cpu"], LADDER_SHAPES["paper"]
+    if quick and ladder == "cpu":
+        size = "cpu-xs"
+    hs = head_steps if head_steps is not None else (2 if quick else None if cuda else 5)
+    batch = (lambda gpu, cpu, tiny: gpu if cuda else tiny if quick else cpu)  # noqa: E731
+    settings = [
+        Setting("64-tokens", ladder, size, small["seq_len"], small["vocab_size"], small["token_dim"], 32,
+                train_batch=batch(64, 32, 8), sample_batch=batch(16, 2, 2), head_steps=hs),
+        # the KV-cache comparison runs at a batch of 4 on a CPU: at 1-2 both paths are bound by per-op overhead
+        Setting("256-tokens", ladder, size, paper["seq_len"], paper["vocab_size"], paper["token_dim"], 64,
+                train_batch=batch(64, 4, 2), sample_batch=batch(16, 1, 1), head_steps=hs,
+                kv_batch=batch(16, 4, 1)),
+    ]
+    cfg = BenchConfig(settings, device=device)
+    if quick:
+        cfg = replace(cfg, reps=1, train_warmup=1, train_reps=2)
+    return replace(cfg, **overrides)
+
+
+# ---- clocks, memory, machine ---------------------------------------------------------------------------------
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Clock:
+    """(wall, cpu) seconds: wall includes the device's queued work (CUDA is synchronised at each reading); cpu
+    is this process's CPU time, the steadier measure on a shared machine (with 1 thread, the idle wall time)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> tuple[float, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+
+class Marks:
+    """Timestamps inside a loop without host synchronisation: CUDA events on GPUs, (wall, cpu) times on CPUs."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.marks = device.type == "cuda", []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+    def seconds(self, i: int, j: int, cpu: bool = False) -> float | None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return None if cpu else self.marks[i].elapsed_time(self.marks[j]) / 1e3
+        return self.marks[j][cpu] - self.marks[i][cpu]
+
+
+def _median_seconds(fn: Callable[[], Any], reps: int, clock: Clock) -> tuple[float, float | None]:
+    """Median (wall, cpu) seconds of `reps` calls; cpu is None on CUDA."""
+    wall, cpu = [], []
+    for _ in range(max(reps, 1)):
+        w0, c0 = clock()
+        fn()
+        w1, c1 = clock()
+        wall.append(w1 - w0)
+        cpu.append(c1 - c0)
+    return statistics.median(wall), None if clock.cuda else statistics.median(cpu)
+
+
+def _rss_kib(field_name: str) -> int | None:
+    try:
+        m = re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """Peak memory of the block in MiB: CUDA max_memory_allocated, else the process's peak resident set
+    (Linux resets it through /proc/self/clear_refs; elsewhere ru_maxrss, the peak since the process began).
+    The RSS includes torch and the text encoder: compare against `memory_before_mib`."""
+    out: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield out
+        out.update(peak_memory_mib=torch.cuda.max_memory_allocated(device) / 2**20,
+                   memory_before_mib=before / 2**20, memory="cuda_max_allocated")
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        kind = "peak_rss"
+    except OSError:
+        kind = "ru_maxrss_since_start"
+    before = _rss_kib("VmRSS")
+    yield out
+    kib = _rss_kib("VmHWM") if kind == "peak_rss" else None
+    if kib is None:
+        import resource
+        kib, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss_since_start"
+    out.update(peak_memory_mib=kib / 1024, memory_before_mib=before / 1024 if before else None, memory=kind)
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    info = dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
+                cpu=cpu, cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+                interop_threads=torch.get_num_interop_threads(), device=str(device), loadavg_start=_loadavg())
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return info
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: above the core count, the machine was shared while measuring."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def _throughput(flops_per_s: float, device: torch.device, cfg: "BenchConfig") -> dict:
+    peak = peak_tflops(device, cfg.peak_tflops)
+    tflops = flops_per_s / 1e12
+    return dict(achieved_tflops=tflops, mfu=tflops / peak if peak else None)
+
+
+def _bf16(cfg: "BenchConfig", device: torch.device) -> bool:
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
+# ---- probes: forward passes and head evaluations counted, time split by component -----------------------------
+
+class Probe:
+    """Counts backbone passes (a forward pre-hook on the first backbone block, which every pass runs, cached
+    or not) and head evaluations (rows into the head's output layer), and times text alignment, backbone and
+    head by wrapping those methods on this instance only. Everything is removed on exit."""
+
+    TIMED = {"text_aligner": ("backbone", ("encode_text", "guided_text")),
+             "backbone": ("backbone", ("forward", "decode")), "head": ("head", ("sample",))}
+
+    def __init__(self, variant: nn.Module, clock: Clock):
+        self.variant, self.clock = variant, clock
+        self.pass_rows: list[int] = []
+        self.head_rows = 0
+        self.seconds = dict.fromkeys(self.TIMED, 0.0)
+        self._inside = False
+
+    def __enter__(self) -> "Probe":
+        def count_head(module: nn.Module, args: tuple) -> None:
+            self.head_rows += args[0].shape[0]
+
+        # the head's last Linear maps to tokens (categorical logits, predicted eps): one row per evaluation
+        out_layer = [m for m in self.variant.head.modules() if isinstance(m, nn.Linear)][-1]
+        self._hooks = [self.variant.backbone.blocks[0].register_forward_pre_hook(
+                           lambda module, args: self.pass_rows.append(args[0].shape[0])),
+                       out_layer.register_forward_pre_hook(count_head)]
+        self._wrapped = []
+        for part, (owner, methods) in self.TIMED.items():
+            module = getattr(self.variant, owner)
+            for name in methods:
+                setattr(module, name, self._timed(part, getattr(module, name)))
+                self._wrapped.append((module, name))
+        return self
+
+    def _timed(self, part: str, fn: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._inside:  # guided_text calls encode_text: count the outer call only
+                return fn(*args, **kwargs)
+            self._inside, t0 = True, self.clock()[0]
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] += self.clock()[0] - t0
+                self._inside = False
+        return call
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for module, name in self._wrapped:
+            delattr(module, name)  # the instance attribute goes; the class's method is back
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+def _fake_cache(folder: Path, kind: str, setting: Setting, items: int, text_len: int, text_dim: int,
+                seed: int) -> Path:
+    """A cache folder in harness.cache's layout filled with random tokens and text, so that the training step
+    reads its batches through the same CachedSplit.batch as a real run."""
+    rng = np.random.default_rng(seed)
+    L, C = setting.seq_len, setting.token_dim
+    arrays = {"text": rng.standard_normal((items, text_len, text_dim)).astype(np.float16),
+              "text_mask": np.arange(text_len)[None] < rng.integers(3, text_len + 1, (items, 1))}
+    if kind == "vq":
+        arrays["tokens"] = rng.integers(0, setting.vocab_size, (items, L)).astype(np.int32)
+    else:
+        arrays["mean"] = rng.standard_normal((items, L, C)).astype(np.float16)
+        arrays["std"] = np.full((items, L, C), 0.05, np.float16)
+    for name, a in arrays.items():
+        np.save(folder / f"{name}.npy", a)
+    manifest = dict(kind=kind, n=items, seq_len=L, token_dim=C, vocab_size=setting.vocab_size, text_dim=text_dim,
+                    max_length=text_len, note="random arrays written by fluidbench bench")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, device: torch.device,
+                     text_len: int, text_dim: int) -> dict:
+    """The training step as harness/train.py's loop runs it (batch from a CachedSplit, lr schedule, autocast,
+    loss, backward, grad clip, AdamW, zero_grad, EMA, loss accumulation): median step time and the share of
+    the step outside the model's forward + backward."""
+    from harness.cache import CachedSplit
+    from harness.config import RunConfig
+    from harness.train import EMA, EpochSampler, ema_decay, learning_rate, weight_decay_groups
+
+    run = RunConfig.from_overrides({"train.batch_size": setting.train_batch, "train.seed": cfg.seed})
+    use_bf16 = _bf16(cfg, device)
+    model = variant.train()
+    optimizer = torch.optim.AdamW(weight_decay_groups(variant, run.optim.weight_decay), lr=run.lr(),
+                                  betas=(run.optim.beta1, run.optim.beta2), weight_decay=0.0, fused=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ema = EMA(params)
+    loss_gen, data_gen = torch.Generator().manual_seed(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed + 2)
+    loss_sum = torch.zeros((), device=device)
+    marks, steps = Marks(device), cfg.train_warmup + cfg.train_reps
+    with tempfile.TemporaryDirectory(prefix="fluidbench-bench-") as tmp:
+        data = CachedSplit(_fake_cache(Path(tmp), variant.token_kind, setting, 4 * setting.train_batch, text_len,
+                                       text_dim, cfg.seed))
+        sampler = EpochSampler(len(data), setting.train_batch, cfg.seed)
+        with peak_memory(device) as memory:
+            for step in range(steps):
+                marks.mark()  # 4 step: the step begins
+                batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(sampler.next_batch(),
+                                                                                   data_gen).items()}
+                lr = learning_rate(run, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                marks.mark()  # 4 step + 1: forward begins
+                with torch.autocast(device.type, dtype=torch.bfloat16 if use_bf16 else torch.float32,
+                                    enabled=use_bf16):
+                    loss = model(batch["tokens"], batch["text"], batch["text_mask"], loss_gen)
+                loss.backward()
+                marks.mark()  # 4 step + 2: backward done
+                if run.optim.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip, foreach=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(params, ema_decay(run, step))
+                loss_sum += loss.detach().float()
+                marks.mark()  # 4 step + 3: the step is done
+    variant.eval()
+    timed = range(cfg.train_warmup, steps)
+    step_s = statistics.median(marks.seconds(4 * s, 4 * s + 3) for s in timed)
+    cpu = None if marks.cuda else statistics.median(marks.seconds(4 * s, 4 * s + 3, cpu=True) for s in timed)
+    inside = sum(marks.seconds(4 * s + 1, 4 * s + 2) for s in timed)
+    total = sum(marks.seconds(4 * s, 4 * s + 3) for s in timed)
+    images_per_s = setting.train_batch / step_s
+    flops = float(variant.train_flops_per_image())
+    return dict(batch_size=setting.train_batch, step_s=step_s, step_cpu_s=cpu, images_per_s=images_per_s,
+                tokens_per_s=images_per_s * setting.seq_len, outside_forward_backward=1 - inside / total,
+                flops_per_image=flops, **_throughput(flops * images_per_s, device, cfg), **memory,
+                mean_loss=float(loss_sum) / steps)
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------
+
+def measure_sampling(variant: nn.Module, text: torch.Tensor, text_mask: torch.Tensor, tokenizer: nn.Module, *,
+                     cfg_scale: float | None, head_steps: int | None, cfg: BenchConfig, device: torch.device,
+                     kv_cache: bool = True, reps: int | None = None) -> dict:
+    """One instrumented run (the warm-up: passes and head evaluations counted, time split), then timed runs.
+
+    cfg_scale None = the variant's paper guidance, 1.0 = no guidance (no null branch)."""
+    clock, B = Clock(device), text.shape[0]
+    reps = cfg.reps if reps is None else reps
+    # a head without steps (categorical) ignores head_steps: pass None so that the cost model ignores it too
+    head_steps = head_steps if variant.defaults["head_steps"] else None
+    kwargs = dict(cfg_scale=cfg_scale, head_steps=head_steps, kv_cache=kv_cache)
+    use_bf16 = _bf16(cfg, device)
+
+    def run() -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return variant.sample(text, text_mask, generator=generator, **kwargs)
+
+    t0 = clock()[0]
+    with Probe(variant, clock) as probe:
+        tokens = run()
+    probe_s = clock()[0] - t0
+    stats = dict(variant.last_sample_stats)
+    with peak_memory(device) as memory:
+        wall, cpu = _median_seconds(run, reps, clock)
+    decode, _ = _median_seconds(lambda: tokenizer.decode(tokens), reps, clock)
+
+    steps, used, rows = stats["steps"], stats["head_steps"], 2 if stats["cfg_scale"] != 1.0 else 1
+    cost = variant.sampling_cost(cfg_scale=cfg_scale, head_steps=head_steps, kv_cache=kv_cache)
+    counted = dict(forward_passes=len(probe.pass_rows), forward_passes_per_image=_per(sum(probe.pass_rows), B),
+                   head_evals_per_image=_per(probe.head_rows, B))
+    expected = dict(forward_passes=steps, forward_passes_per_image=steps * rows,
+                    head_evals_per_image=cost["head_evals_per_image"])
+    reported = dict(stats=stats["forward_passes_per_image"], cost_model=cost["forward_passes_per_image"])
+    split = {part: s / B for part, s in probe.seconds.items()}
+    split["other"] = max(0.0, probe_s / B - sum(split.values()))
+    out = dict(cfg_scale=stats["cfg_scale"], temperature=stats["temperature"], steps=steps, head_steps=used,
+               paper_head_steps=variant.defaults["head_steps"], kv_cache=kv_cache, batch_size=B, reps=reps,
+               seconds_per_image=wall / B, cpu_seconds_per_image=None if cpu is None else cpu / B,
+               tokenizer_decode_seconds_per_image=decode / B, counted=counted, expected=expected,
+               reported_forward_passes_per_image=reported,
+               counts_match=counted == expected and set(reported.values()) == {expected["forward_passes_per_image"]},
+               instrumented_seconds_per_image=split, flops_per_image=cost["flops"],
+               **_throughput(cost["flops"] * B / wall, device, cfg), **memory)
+    paper = variant.defaults["head_steps"]
+    if paper and used and used != paper:  # the head's time grows with its steps: an estimate, labelled so
+        out["seconds_per_image_at_paper_head_steps_est"] = wall / B + split["head"] * (paper / used - 1)
+    return out
+
+
+def _per(total: int, batch: int) -> int | float:
+    return total // batch if total % batch == 0 else total / batch
+
+
+def _has_kv_cache(variant: nn.Module) -> bool:
+    """Whether sampling without a cache costs more, by the variant's own accounting (raster order)."""
+    return variant.sampling_cost(kv_cache=False)["flops"] > variant.sampling_cost(kv_cache=True)["flops"]
+
+
+def stand_in_tokenizer(kind: str, setting: Setting, seed: int, device: torch.device) -> nn.Module:
+    """A randomly initialised tokenizer of the embedded architecture (f4) giving `setting.seq_len` tokens."""
+    from variants.tokenizer_train import TokenizerTrainConfig, build_tokenizer
+    grid = int(round(setting.seq_len ** 0.5))
+    channels = setting.token_dim if kind == "kl" else TokenizerTrainConfig.latent_channels
+    tc = TokenizerTrainConfig(kind=kind, image_size=setting.image_size, grid=grid, latent_channels=channels,
+                              codebook_size=setting.vocab_size, seed=seed)
+    return build_tokenizer(tc).to(device)
+
+
+# ---- the whole bench -----------------------------------------------------------------------------------------
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Measure every variant at every setting; returns the bench.json document (docs/benchmarks.md)."""
+    from tqdm.auto import tqdm
+
+    from variants.text import load_text_encoder
+
+    device = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    machine = machine_info(device)
+    encoder = load_text_encoder("minilm", device=device) if cfg.text_encoder == "minilm" else RandomText(device)
+    results, kv_rows = [], []
+    bar = tqdm(total=len(cfg.settings) * len(cfg.variants), desc="bench", unit="variant", disable=not progress)
+    for setting in cfg.settings:
+        built, tokenizers = {}, {}
+        for name in cfg.variants:
+            bar.set_postfix_str(f"{setting.name} {name}")
+            row, built[name] = _bench_variant(name, setting, cfg, device, encoder, tokenizers)
+            results.append(row)
+            bar.update(1)
+        if setting.kv_batch:
+            kv_rows += _kv_comparison(setting, [r for r in results if r["setting"] == setting.name], built, cfg,
+                                      device, encoder)
+    bar.close()
+    doc = dict(format=FORMAT, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), machine=machine,
+               config=asdict(cfg) | dict(text_encoder=encoder.name, text_max_length=encoder.max_length,
+                                         dtype_used="bf16" if _bf16(cfg, device) else "fp32",
+                                         tokenizers="randomly initialised embedded architecture (f4): decode time"),
+               results=results, kv_cache=kv_rows)
+    doc.update(kv_cache_summary(kv_rows))
+    doc["targets"] = check_targets(doc)
+    doc["machine"]["loadavg_end"] = _loadavg()
+    doc["wall_s"] = time.perf_counter() - t_start
+    return doc
+
+
+class RandomText:
+    """Stands in for the text encoder: random (B, 32, 384) embeddings, MiniLM's shape, at no cost."""
+    name, dim, max_length = "random", 384, 32
+
+    def __init__(self, device: torch.device):
+        self.generator = torch.Generator().manual_seed(0)
+        self.device = device
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        text = torch.randn(len(captions), self.max_length, self.dim, generator=self.generator)
+        return text.to(self.device), torch.ones(len(captions), self.max_length, dtype=torch.bool, device=self.device)
+
+
+def _captions(n: int) -> list[str]:
+    return [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+
+
+def _bench_variant(name: str, setting: Setting, cfg: BenchConfig, device: torch.device, encoder: Any,
+                   tokenizers: dict[str, nn.Module]) -> tuple[dict, tuple[nn.Module, nn.Module]]:
+    """Training and sampling (guided, unguided) of one variant; returns its row and (variant, tokenizer)."""
+    from harness import distributed as D
+    from harness.config import DistConfig
+    from variants.registry import build_variant
+
+    torch.manual_seed(cfg.seed)
+    variant = build_variant(name, setting.size, ladder=setting.ladder, seq_len=setting.seq_len,
+                            vocab_size=setting.vocab_size, token_dim=setting.token_dim, text_dim=encoder.dim,
+                            text_len=encoder.max_length, **setting.options).to(device)
+    D.parallelize(variant, DistConfig(compile=cfg.compile), D.DistInfo(device=device))  # compile only, in place
+    kind = variant.token_kind
+    if kind not in tokenizers:
+        tokenizers[kind] = stand_in_tokenizer(kind, setting, cfg.seed, device)
+    tokenizer = tokenizers[kind]
+    row: dict[str, Any] = dict(setting=setting.name, variant=name, ladder=setting.ladder, size=setting.size,
+                               seq_len=setting.seq_len, params=variant.param_counts())
+    row["train"] = measure_training(variant, setting, cfg, device, encoder.max_length, encoder.dim)
+    captions = _captions(setting.sample_batch)
+    encode_s, _ = _median_seconds(lambda: encoder.encode(captions), cfg.reps, Clock(device))
+    text, text_mask = encoder.encode(captions)
+    row["sample"] = {}
+    for guidance, cfg_scale in (("guided", None), ("unguided", 1.0)):
+        m = measure_sampling(variant, text, text_mask, tokenizer, cfg_scale=cfg_scale,
+                             head_steps=setting.head_steps, cfg=cfg, device=device)
+        m["text_encoder_seconds_per_image"] = encode_s / len(captions)
+        m["end_to_end_seconds_per_image"] = (m["text_encoder_seconds_per_image"] + m["seconds_per_image"]
+                                             + m["tokenizer_decode_seconds_per_image"])
+        m["split"] = _split(m)
+        row["sample"][guidance] = m
+    return row, (variant, tokenizer)
+
+
+def _split(m: dict) -> dict:
+    """Fractions of one image's end-to-end time: the timed sampling run divided in the proportions of the
+    instrumented one, plus the text encoder and the tokenizer decode, measured on their own."""
+    parts = m["instrumented_seconds_per_image"]
+    scale = m["seconds_per_image"] / max(sum(parts.values()), 1e-12)
+    seconds = {"text_encoder": m["text_encoder_seconds_per_image"], **{k: v * scale for k, v in parts.items()},
+               "tokenizer_decode": m["tokenizer_decode_seconds_per_image"]}
+    total = sum(seconds.values())
+    return {k: v / total for k, v in seconds.items()}
+
+
+def _kv_comparison(setting: Setting, rows: list[dict], built: dict, cfg: BenchConfig, device: torch.device,
+                   encoder: Any) -> list[dict]:
+    """Guided sampling with and without the KV cache at `setting.kv_batch`, for the cached variant whose head
+    takes the smallest share of its time: the cache speeds up the backbone only, and a diffusion head's
+    steps per token cost the same either way (its share is in the guided split of every variant)."""
+    cached = [r for r in rows if _has_kv_cache(built[r["variant"]][0])]
+    if not cached:
+        return []
+    row = min(cached, key=lambda r: r["sample"]["guided"]["split"]["head"])
+    variant, tokenizer = built[row["variant"]]
+    text, text_mask = encoder.encode(_captions(setting.kv_batch))
+    common = dict(cfg_scale=None, head_steps=setting.head_steps, cfg=cfg, device=device)
+    with_cache = measure_sampling(variant, text, text_mask, tokenizer, **common)
+    # the slow path is >= 5x the fast one: one timed run fewer
+    without = measure_sampling(variant, text, text_mask, tokenizer, kv_cache=False, reps=max(1, cfg.reps - 1),
+                               **common)
+    ratio = lambda key: (without[key] / with_cache[key]) if with_cache[key] else None  # noqa: E731
+    backbone = (without["instrumented_seconds_per_image"]["backbone"]
+                / max(with_cache["instrumented_seconds_per_image"]["backbone"], 1e-12))
+    return [dict(setting=setting.name, variant=row["variant"], seq_len=setting.seq_len, batch_size=setting.kv_batch,
+                 head_share=row["sample"]["guided"]["split"]["head"], speedup=ratio("seconds_per_image"),
+                 speedup_cpu_time=ratio("cpu_seconds_per_image"), backbone_speedup=backbone,
+                 with_cache=with_cache, without_cache=without)]
+
+
+def kv_cache_summary(kv_rows: list[dict]) -> dict:
+    """kv_cache_speedup_256: raster sampling with its KV cache vs full recomputation at 256 tokens (wall time)."""
+    rows = [r for r in kv_rows if r["seq_len"] == 256]
+    if not rows:
+        return dict(kv_cache_speedup_256=None, kv_cache_speedup_256_cpu_time=None)
+    return dict(kv_cache_speedup_256=rows[0]["speedup"], kv_cache_speedup_256_cpu_time=rows[0]["speedup_cpu_time"])
+
+
+def check_targets(doc: dict) -> dict:
+    """The targets of issue 8, checked on the measured numbers."""
+    runs = [(f"{r['setting']} {r['variant']} {g}", m) for r in doc["results"] for g, m in r["sample"].items()]
+    runs += [(f"{r['setting']} {r['variant']} kv {k}", r[k]) for r in doc["kv_cache"]
+             for k in ("with_cache", "without_cache")]
+    mismatches = [f"{where}: counted {m['counted']}, expected {m['expected']}, reported "
+                  f"{m['reported_forward_passes_per_image']}" for where, m in runs if not m["counts_match"]]
+    outside = [r["train"]["outside_forward_backward"] for r in doc["results"]]
+    kv = doc["kv_cache_speedup_256"]
+    return {
+        "forward_passes_match_schedule": dict(ok=not mismatches, checked=len(runs), mismatches=mismatches),
+        "train_outside_forward_backward_lt_10pct": dict(ok=all(v < OUTSIDE_TARGET for v in outside),
+                                                        max=max(outside, default=None), threshold=OUTSIDE_TARGET),
+        "kv_cache_speedup_256_ge_5": dict(ok=kv is not None and kv >= KV_TARGET, value=kv,
+                                          value_cpu_time=doc["kv_cache_speedup_256_cpu_time"],
+                                          threshold=KV_TARGET),
+    }
+
+
+def write_bench(doc: dict, out: str | os.PathLike) -> Path:
+    """OUT/bench.json, written atomically."""
+    from harness.atomic import write_json
+    path = Path(out) / "bench.json"
+    write_json(path, doc)
+    return path
