@@ -1,10 +1,11 @@
 """The local executor: the jobs of a sweep on this machine, one at a time or a few side by side.
 
 With `workers: 1` (the default) each job runs in this process, its own progress bars on the terminal. With
-`local.workers: N` in the spec, up to N jobs run at once, each in a fresh process with `local.threads` torch
-threads and its output in SWEEP/logs/<job>.log; small models use one core far better as N processes than as N
-threads of one. Jobs matching `local.exclusive` (e.g. the time-budgeted tokenizers) run alone with every
-thread. Every ~`local.status_every` seconds a line per running job shows its latest progress.
+`local.workers: N` in the spec, up to N jobs run at once in N long-lived worker processes (each imports torch
+once), with `local.threads` torch threads each and the output of every job in SWEEP/logs/<job>.log; small
+models use one core far better as N processes than as N threads of one. Jobs matching `local.exclusive` (e.g.
+the time-budgeted tokenizers) run alone with every thread. Every `local.status_every` seconds a line per running
+job shows its latest progress.
 
 A failed job blocks the jobs that wait for it; the others go on, so one diverging run does not cost the
 rest, and the report is drawn from whatever finished. Ctrl-C stops the running jobs with SIGTERM (a trainer
@@ -137,22 +138,102 @@ def _sequential(book: _Book) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parallel
-def _child(spec: Spec, job: Job, threads: int, log_path: str, error_path: str) -> None:
-    """Entry point of a worker process: threads set before torch loads, output to the job's log."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+def _worker(spec: Spec, inbox, outbox, wid: int) -> None:
+    """A long-lived worker process: imports torch once (~7 CPU-seconds), then runs the jobs it is sent, each
+    with its own thread count and its output in that job's log."""
     import torch
 
-    torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
+    while True:
+        item = inbox.get()
+        if item is None:
+            return
+        job, threads, log_path = item
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        torch.set_num_threads(threads)
+        error = None
+        try:
+            run_job(spec, job)
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            traceback.print_exc()
+            error = _error(e)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        outbox.put((wid, job.name, error))
+
+
+class _Pool:
+    """N worker processes, each fed through its own queue; a worker that dies is replaced."""
+
+    def __init__(self, spec: Spec, n: int):
+        self.spec, self.ctx = spec, multiprocessing.get_context("spawn")  # fresh interpreters, no shared pools
+        self.outbox = self.ctx.Queue()
+        self.procs: list = [None] * n
+        self.inboxes: list = [None] * n
+        for wid in range(n):
+            self.start(wid)
+
+    def start(self, wid: int) -> None:
+        self.inboxes[wid] = self.ctx.Queue()
+        self.procs[wid] = self.ctx.Process(target=_worker, args=(self.spec, self.inboxes[wid], self.outbox, wid),
+                                           daemon=True)
+        self.procs[wid].start()
+
+    def stop(self, terminate: bool) -> None:
+        for wid, proc in enumerate(self.procs):
+            if terminate:
+                proc.terminate()  # SIGTERM: a trainer saves a checkpoint and stops
+            else:
+                self.inboxes[wid].put(None)
+        for proc in self.procs:
+            proc.join(timeout=120)
+
+
+def _parallel(book: _Book, workers: int) -> None:
+    import queue
+
+    spec = book.spec
+    threads = int(spec.local.get("threads", 1))
+    exclusive = list(spec.local.get("exclusive", []))
+    status_every = float(spec.local.get("status_every", 20))
+    logs = spec.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pool = _Pool(spec, workers)
+    busy: dict[int, tuple[Job, float, int]] = {}  # worker -> (job, start time, slots)
+    pending = list(book.jobs)
+    last_status = time.time()
     try:
-        run_job(spec, job)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent through the error file
-        traceback.print_exc()
-        Path(error_path).write_text(_error(e))
-        sys.exit(1)
+        while pending or busy:
+            try:
+                wid, name, error = pool.outbox.get(timeout=0.3)
+                job, t0, _ = busy.pop(wid)
+                book.finished(job, time.time() - t0, error)
+            except queue.Empty:
+                pass
+            for wid, (job, t0, _) in list(busy.items()):
+                if not pool.procs[wid].is_alive():  # killed (out of memory?) or crashed in native code
+                    busy.pop(wid)
+                    book.finished(job, time.time() - t0, f"worker process died (exit code {pool.procs[wid].exitcode}); "
+                                                         f"log: {logs / _log_name(job)}")
+                    pool.start(wid)
+            _schedule(book, pool, busy, pending, workers, threads, exclusive, logs)
+            if busy and time.time() - last_status > status_every:
+                last_status = time.time()
+                for job, t0, _ in busy.values():
+                    _say(f"    {job.name} ({_clock(time.time() - t0)}): {_latest_line(logs / _log_name(job))}")
+            if pending and not busy and all(book.waiting(j) for j in pending):
+                raise RuntimeError(f"sweep stuck: {pending[0].name} waits for jobs that will not run")
+    except KeyboardInterrupt:
+        for job, _, _ in busy.values():
+            log_event(spec, "interrupted", job.name)
+        pool.stop(terminate=True)
+        raise
+    pool.stop(terminate=False)
 
 
 def _latest_line(log_path: Path) -> str:
@@ -168,63 +249,29 @@ def _latest_line(log_path: Path) -> str:
     return parts[-1][:160] if parts else ""
 
 
-def _parallel(book: _Book, workers: int) -> None:
-    spec = book.spec
-    threads = int(spec.local.get("threads", 1))
-    exclusive = list(spec.local.get("exclusive", []))
-    status_every = float(spec.local.get("status_every", 20))
-    logs = spec.root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pools
-    running: dict[str, tuple] = {}
-    pending = list(book.jobs)
-    last_status = time.time()
-    try:
-        while pending or running:
-            for name, (proc, job, t0, slots, err) in list(running.items()):
-                if proc.is_alive():
-                    continue
-                proc.join()
-                del running[name]
-                error = None
-                if proc.exitcode != 0:
-                    error = err.read_text() if err.is_file() else f"exit code {proc.exitcode} (see {logs})"
-                book.finished(job, time.time() - t0, error)
-            used = sum(r[3] for r in running.values())
-            for job in list(pending):
-                if book.waiting(job):
-                    continue
-                if book.settle(job):
-                    pending.remove(job)
-                    continue
-                alone = any(fnmatch(job.name, pattern) for pattern in exclusive)
-                slots = workers if alone else 1
-                if used + slots > workers:
-                    if alone:
-                        break  # hold the queue until the machine is free for it: no starvation
-                    continue
-                name = job.name.replace("/", "__")
-                log_path, err = logs / f"{name}.log", logs / f"{name}.error"
-                err.unlink(missing_ok=True)
-                proc = ctx.Process(target=_child, args=(spec, job, workers * threads if alone else threads,
-                                                        str(log_path), str(err)), daemon=False)
-                book.started(job)
-                proc.start()
-                running[job.name] = (proc, job, time.time(), slots, err)
-                pending.remove(job)
-                used += slots
-            if running and time.time() - last_status > status_every:
-                last_status = time.time()
-                for name, (_, job, t0, _, _) in running.items():
-                    log_path = logs / f"{name.replace('/', '__')}.log"
-                    _say(f"    {name} ({_clock(time.time() - t0)}): {_latest_line(log_path)}")
-            if pending and not running and all(book.waiting(j) for j in pending):
-                raise RuntimeError(f"sweep stuck: {pending[0].name} waits for jobs that will not run")
-            time.sleep(0.3)
-    except KeyboardInterrupt:
-        for name, (proc, *_rest) in running.items():
-            proc.terminate()  # SIGTERM: a trainer saves a checkpoint and stops
-            log_event(spec, "interrupted", name)
-        for proc, *_rest in running.values():
-            proc.join(timeout=120)
-        raise
+def _log_name(job: Job) -> str:
+    return job.name.replace("/", "__") + ".log"
+
+
+def _schedule(book: _Book, pool: _Pool, busy: dict, pending: list[Job], workers: int, threads: int,
+              exclusive: list[str], logs: Path) -> None:
+    """Start every pending job whose dependencies finished, while workers (slots) are free, in plan order."""
+    used = sum(slots for _, _, slots in busy.values())
+    for job in list(pending):
+        if book.waiting(job):
+            continue
+        if book.settle(job):
+            pending.remove(job)
+            continue
+        alone = any(fnmatch(job.name, pattern) for pattern in exclusive)
+        slots = workers if alone else 1
+        if used + slots > workers:
+            if alone:
+                return  # hold the queue until the machine is free for it: no starvation
+            continue
+        wid = next(w for w in range(workers) if w not in busy)
+        book.started(job)
+        pool.inboxes[wid].put((job, slots * threads, str(logs / _log_name(job))))
+        busy[wid] = (job, time.time(), slots)
+        pending.remove(job)
+        used += slots

@@ -270,13 +270,13 @@ def run_job(spec: Spec, job: Job) -> None:
     from harness import stages
 
     with job_lock(spec, job):
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         getattr(stages, job.stage)(spec, **job.args)
         missing = [o for o in job.outputs if not Path(o).exists()]
         if missing:
             raise FluidbenchError(f"sweep job {job.name} stopped without writing {missing[0]} (interrupted? run "
                                   "the sweep again to resume)")
-        stamp(spec, job, time.time() - t0)
+        stamp(spec, job, time.time() - t0, cpu_s=time.process_time() - cpu0)
 
 
 @contextmanager
@@ -296,9 +296,10 @@ def job_lock(spec: Spec, job: Job) -> Iterator[None]:
         yield
 
 
-def stamp(spec: Spec, job: Job, seconds: float) -> None:
-    """Record that `job` finished with its current settings key."""
+def stamp(spec: Spec, job: Job, seconds: float, cpu_s: float | None = None) -> None:
+    """Record that `job` finished with its current settings key (and its wall and CPU seconds, for budgets)."""
     write_json(stamp_path(spec, job), {"job": job.name, "key": job.key, "seconds": round(seconds, 1),
+                                       "cpu_s": None if cpu_s is None else round(cpu_s, 1),
                                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
