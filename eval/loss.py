@@ -1,8 +1,9 @@
 """Validation loss: each variant's own training loss on a held-out split, deterministic by seed.
 
-Batch i (of a fixed batch size, over the first `size` items in order) draws every random quantity (KL token
-samples from the posterior moments, text dropout, orders, mask ratios, timesteps, noise) from its own
-generator seeded with `seed + i`. Two evaluations of one checkpoint therefore agree exactly, and the value
+Batch i (of a fixed batch size, over the first `size` items in order) draws every random quantity from its own
+generators: the KL token samples (mean + std * eps, on the host where the cache lives) from one seeded with
+`seed + i`, and the loss's draws (orders, mask ratios, timesteps, noise) from one on the model's device seeded
+with `seed + i + LOSS_SEED_OFFSET`, a distinct stream. Two evaluations of one checkpoint therefore agree exactly, and the value
 does not depend on how many processes share the batches. Evaluation uses the EMA weights (harness.runs).
 
 `fluidbench eval loss --run RUN` recomputes it from the run's latest checkpoint into RUN/eval/loss.json.
@@ -26,6 +27,7 @@ class Batches(Protocol):
     def batch(self, indices: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]: ...
 
 
+LOSS_SEED_OFFSET = 0x9E3779B9  # any constant: keeps the loss's stream apart from the token samples' on the CPU
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -49,9 +51,10 @@ def validation_loss(loss_fn: LossFn, data: Batches, *, batch_size: int, seed: in
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of loss x images, images)
     for r in range(math.ceil(len(starts) / world)):
         start, weight = (mine[r], 1.0) if r < len(mine) else (starts[0], 0.0)
-        generator = torch.Generator().manual_seed(seed + start // batch_size)
-        batch = data.batch(torch.arange(start, min(start + batch_size, n)), generator)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        index = seed + start // batch_size
+        batch = data.batch(torch.arange(start, min(start + batch_size, n)), torch.Generator().manual_seed(index))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        generator = torch.Generator(device).manual_seed(index + LOSS_SEED_OFFSET)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss = loss_fn(batch["tokens"], batch["text"], batch["text_mask"], generator)
         count = batch["tokens"].shape[0] * weight

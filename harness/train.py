@@ -77,11 +77,14 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     flops_per_image = float(variant.train_flops_per_image())
     model = D.parallelize(variant, cfg.dist, info)
     groups = weight_decay_groups(variant, cfg.optim.weight_decay)
+    # fused: one kernel for all parameters; the per-parameter loop took ~10% of a CPU-ladder step (make bench)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr(), betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  weight_decay=0.0)  # per group
+                                  weight_decay=0.0, fused=True)  # weight decay per group
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = EMA(params)
-    loss_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + info.rank + 1)
+    # the loss draws (orders, masks, timesteps, noise) on the device, so no step waits on a host copy; the KL
+    # token samples are drawn where the cache lives, on the host
+    loss_gen = torch.Generator(info.device).manual_seed(cfg.train.seed * 1_000_003 + info.rank + 1)
     data_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + info.rank + 7_919)
     generators = {"loss": loss_gen, "data": data_gen}
     use_bf16 = cfg.dist.dtype == "bf16" or (cfg.dist.dtype == "auto" and info.device.type == "cuda")
@@ -161,7 +164,7 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     with stop.installed():
         while step < steps:
             indices = sampler.next_batch()[info.rank * batch_per_rank:(info.rank + 1) * batch_per_rank]
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in train_data.batch(indices, data_gen).items()}
+            batch = to_device(train_data.batch(indices, data_gen), info.device)
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -230,6 +233,13 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     if info.is_main:
         write_json(run / "summary.json", summary)
     return summary
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host batch -> device without a sync: a copy from pageable memory would wait for the stream."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
