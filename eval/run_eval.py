@@ -97,8 +97,9 @@ def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, se
     ShapesT2I runs default to the Shapes feature extractor (`weights` = its train-features folder), everything
     else to torch-fidelity's TF-compatible InceptionV3 (`weights` = its .pth file or the library's cache).
     """
-    from eval.fid import (ReferenceProtocol, batches_from_dataset, compute_reference_stats, default_cache_dir,
-                          fid_from_images, load_extractor)
+    from eval.fid import (batches_from_dataset, compute_reference_stats, default_cache_dir, fid_from_images,
+                          load_extractor, reference_protocol)
+    from harness.data import RESIZE_FILTER
 
     run, device = _open(run_dir, device)
     settings = settings or SamplingSettings()
@@ -110,10 +111,7 @@ def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, se
     dataset = _split_sample(run, split, n, seed, None if data.kind == "shapes" else resolution)
     if len(dataset) < n:
         raise FluidbenchError(f"--n {n}: split {split!r} of {data.path} has only {len(dataset)} images")
-    protocol = ReferenceProtocol(dataset=data.kind, split=split, n=n, seed=seed,
-                                 crop="none" if data.kind == "shapes" else "center",
-                                 resize_filter="none" if data.kind == "shapes" else "bicubic",
-                                 resolution=resolution)
+    protocol = reference_protocol(data.kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER)
     reference = compute_reference_stats(protocol, batches_from_dataset(dataset), ext,
                                         cache_dir or default_cache_dir(), progress="reference" if progress else None)
     captions = [dataset[i][1] for i in range(n)]
