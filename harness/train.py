@@ -1,7 +1,7 @@
 """`train(cfg) -> summary`: one variant at one size, from a laptop CPU to a multi-node torchrun/srun job.
 
 The loop reads top to bottom: settings checked before any work, the run folder (resumed if it has a
-checkpoint), tokenizer, text encoder and variant, cached inputs, optimizer and EMA, parallelism, then the
+checkpoint), tokenizer, text encoder and variant, cached inputs, parallelism, optimizer and EMA, then the
 steps. Nothing inside a step waits on the device: losses accumulate on the device and are read at log
 intervals. Exact resume: the data order is a function of (seed, epoch), its position is checkpointed, and
 every RNG state (torch's, the loss generator's, the data generator's, per process) goes in the checkpoint.
