@@ -237,3 +237,34 @@ def test_kl_training_lowers_loss_and_normalises_latents():
     z = tok.encode(data.float() / 127.5 - 1)  # (N, L, C): per-channel zero mean, unit std on the data
     assert z.mean(dim=(0, 1)).abs().max() < 0.05
     torch.testing.assert_close(z.std(dim=(0, 1)), torch.ones(4), atol=0.05, rtol=0)
+
+
+def _cli(argv: list[str]) -> int:
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    from harness.data.shapes import write_shapes
+
+    write_shapes(tmp_path / "shapes", n_train=48, n_val=12, progress=False)
+    assert 0 == _cli(["tokenizer", "train", "--kind", "vq", "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "tok"),
+          "--steps", "3", "--batch-size", "8", "--codebook-size", "64"])
+    metrics = json.loads((tmp_path / "tok" / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["kind"] == "vq" and metrics["seq_len"] == 64
+    for key in ("psnr", "codebook_usage", "oracle_exact", "train_s", "train_cpu_s", "wall_s"):
+        assert isinstance(metrics[key], float), key
+    assert 0 <= metrics["oracle_exact"] <= 1 and 0 < metrics["codebook_usage"] <= 1
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.checksum == metrics["checksum"] and tok.vocab_size == 64
+
+    assert 0 == _cli(["tokenizer", "eval", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "shapes")])
+    report = json.loads((tmp_path / "tok" / "recon_eval.json").read_text())
+    assert report["images"] == 12 and abs(report["psnr"] - metrics["psnr"]) < 1e-6  # the same val images
+    assert '"psnr"' in capsys.readouterr().out
+
+    assert 2 == _cli(["tokenizer", "eval", "--tokenizer", str(tmp_path / "missing"), "--data", str(tmp_path / "shapes")])
+    assert "tokenizer.json" in capsys.readouterr().err

@@ -27,7 +27,7 @@ class TokenizerTrainConfig:
     image_size: int = 32
     grid: int = 8                         # tokens per side
     patch: int = 1                        # kl: p x p latents per token
-    widths: tuple[int, ...] = (32, 64, 64)  # block_out_channels; len = log2(downsampling) + 1
+    widths: tuple[int, ...] = (16, 32, 64)  # block_out_channels; len = log2(downsampling) + 1
     layers_per_block: int = 1
     latent_channels: int = 8              # kl latent channels; vq code dimension
     norm_groups: int = 8
@@ -57,6 +57,18 @@ class TokenizerTrainConfig:
                              f"{self.image_size} px -> {self.grid}x{self.grid} tokens (patch {self.patch})")
         if self.kind == "vq" and self.patch != 1:
             raise ValueError("patch must be 1 for vq (one code per latent position)")
+
+
+# Per-kind changes to the defaults above, tuned on ShapesT2I (README, "Tokenizers"): see default_config.
+KIND_DEFAULTS: dict[str, dict] = {"kl": {}, "vq": {"latent_channels": 4}}
+
+
+def default_config(kind: str, **overrides) -> TokenizerTrainConfig:
+    """The embedded default recipe for `kind`, with `overrides` (None values ignored) on top."""
+    if kind not in KIND_DEFAULTS:
+        raise ValueError(f"kind must be 'vq' or 'kl', got {kind!r}")
+    return TokenizerTrainConfig(kind=kind, **{**KIND_DEFAULTS[kind],
+                                              **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def build_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
@@ -132,9 +144,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, images: torch.Tensor,
 
 
 def _train(cfg: TokenizerTrainConfig, images: torch.Tensor, log) -> tuple[Tokenizer, dict]:
-    start = time.perf_counter()
+    tokenizer = build_tokenizer(cfg)  # before the clock starts: the first diffusers import can take seconds
+    start, cpu_start = time.perf_counter(), time.process_time()
     gen = torch.Generator().manual_seed(cfg.seed)
-    tokenizer = build_tokenizer(cfg)
     model = tokenizer.model
     model.requires_grad_(True).train()
     n = len(images)
@@ -174,12 +186,13 @@ def _train(cfg: TokenizerTrainConfig, images: torch.Tensor, log) -> tuple[Tokeni
             usage.zero_()
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         elapsed = time.perf_counter() - start
-        if log is not None and (step % 50 == 0 or step == 1):
+        if log is not None and (step % 10 == 0 or step == 1):
             log(dict(step=step, loss=loss_ema, lr=lr, elapsed_s=elapsed))
     tokenizer.requires_grad_(False).eval()
     tokenizer._checksum = None
+    # CPU seconds (all threads) beside wall seconds: on a shared machine they show what an idle one would do
     return tokenizer, dict(steps=step, train_s=elapsed, steps_per_s=step / max(elapsed, 1e-9), final_loss=loss_ema,
-                           config=asdict(cfg))
+                           cpu_s=time.process_time() - cpu_start, config=asdict(cfg))
 
 
 @torch.no_grad()

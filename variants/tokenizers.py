@@ -227,9 +227,23 @@ def load_tokenizer(path: str | Path, *, image_size: int | None = None, patch: in
         tok = _load_ldm_kl(p, image_size or 256, patch or 1, pixel_range or "minus_one_one")
     elif p.exists():
         raise ValueError(f"tokenizer path {p} is a file but not a .ckpt/.pt/.pth LDM checkpoint; {WHERE_FROM}")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # a Hugging Face repo id: its cache, downloading if online
+        return load_tokenizer(_hub_snapshot(str(path)), image_size=image_size, patch=patch,
+                              pixel_range=pixel_range, device=device)
     else:
         raise FileNotFoundError(f"tokenizer path {p} does not exist; {WHERE_FROM}")
     return tok.to(device)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:  # only the autoencoder of a pipeline repo, e.g. amused/amused-256's vqvae/
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "diffusion_pytorch_model.safetensors",
+                                                               "vae/*", "vqvae/*"]))
+    except Exception as e:  # offline, unknown repo, no access: one clear line
+        raise FileNotFoundError(f"tokenizer path {repo_id} is not a local path, and the Hugging Face repo could not "
+                                f"be fetched ({type(e).__name__}); {WHERE_FROM}") from None
 
 
 def _load_ours(folder: Path) -> Tokenizer:
