@@ -229,3 +229,20 @@ def test_a_failed_job_blocks_its_dependents_and_the_report_still_runs(tmp_path, 
     assert status == {"data": "failed", "train/a": "blocked", "train/b": "done", "report": "done"}
     assert calls == ["train", "report"]
     assert not (out / ".stages" / "data.json").exists() and (out / ".stages" / "train__b.json").exists()
+
+
+def test_scale_plan_follows_the_flop_accounting(tmp_path):
+    from harness.scale_plan import format_plan, plan_run
+
+    spec = load_spec("fluid-paper", out=tmp_path / "paper")
+    big = plan_run(spec, "kl-random", "10.5B")
+    small = plan_run(spec, "kl-random", "1.1B")
+    assert big.strategy == "fsdp2" and small.strategy == "ddp"
+    assert big.params > 10e9 and big.gpus == 256
+    peak = spec.cluster["peak_tflops"] * 1e12 * spec.cluster["mfu"] * 3600
+    assert big.gpu_hours == pytest.approx(big.train_flops / peak + big.text_gpu_hours, rel=1e-9)
+    assert small.mem_state_gb == pytest.approx(20 * small.params / 1e9)  # DDP: the full state on every GPU
+    assert big.mem_state_gb == pytest.approx(20 * big.params / 1e9 / 256)  # FSDP2: sharded
+    assert big.mem_total_gb < spec.cluster["gpu_mem_gb"]
+    text = format_plan(spec, [small, big])
+    assert "| kl-random 10.5B | 10.93B |" in text and "GPU-hours" in text

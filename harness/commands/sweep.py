@@ -37,9 +37,15 @@ def sweep(
         return
     jobs = sweeps.plan(loaded)
     if only:
+        by_name = {j.name: j for j in jobs}
         jobs = [j for j in jobs if fnmatch(j.name, only)]
         if not jobs:
             raise ValueError(f"--only {only!r}: no job matches (see --dry-run for the names)")
+        selected = {j.name for j in jobs}
+        missing = sorted({d for j in jobs for d in j.deps if d not in selected
+                          and not sweeps.is_done(loaded, by_name[d])})
+        if missing and not dry_run and executor is Executor.local:
+            raise ValueError(f"--only {only!r}: needs {', '.join(missing)} done first (run them, or widen --only)")
     if dry_run:
         typer.echo(sweeps.describe(loaded, jobs, executor.value))
         return
