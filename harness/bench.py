@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.errors import FluidbenchError
+
 FORMAT = 1
 OUTSIDE_TARGET, KV_TARGET = 0.10, 5.0  # docs/benchmarks.md, issue 8
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s); the first name found in the device name wins.
@@ -60,7 +62,7 @@ class BenchConfig:
     reps: int = 3             # timed sampling runs per measurement (after one instrumented warm-up run)
     train_warmup: int = 2
     train_reps: int = 5
-    threads: int = 0          # torch intra-op threads; 0 = torch's default
+    threads: int = 1          # torch intra-op threads, 0 = torch's default (bench_config: 1 on a CPU, see there)
     device: str = "auto"      # auto | cpu | cuda
     dtype: str = "auto"       # auto (bf16 autocast on CUDA) | fp32 | bf16
     compile: bool = False     # torch.compile each block (harness.distributed.parallelize)
@@ -90,7 +92,9 @@ def bench_config(size: str = "cpu-s", *, ladder: str = "cpu", quick: bool = Fals
                 train_batch=batch(64, 4, 2), sample_batch=batch(16, 1, 1), head_steps=hs,
                 kv_batch=batch(16, 4, 1)),
     ]
-    cfg = BenchConfig(settings, device=device)
+    # One thread on a CPU: these models are too small to gain from more, and on a shared 2-core machine two
+    # threads made a training step 15-20x slower (OpenMP threads waiting on each other under oversubscription).
+    cfg = BenchConfig(settings, device=device, threads=0 if cuda else 1)
     if quick:
         cfg = replace(cfg, reps=1, train_warmup=1, train_reps=2)
     return replace(cfg, **overrides)
@@ -436,25 +440,32 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
 
     from variants.text import load_text_encoder
 
-    device = _device(cfg.device)
+    if cfg.text_encoder not in ("minilm", "random"):
+        raise FluidbenchError(f"bench text_encoder={cfg.text_encoder!r}: choose minilm or random")
+    device, threads = _device(cfg.device), torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
-    machine = machine_info(device)
-    encoder = load_text_encoder("minilm", device=device) if cfg.text_encoder == "minilm" else RandomText(device)
-    results, kv_rows = [], []
-    bar = tqdm(total=len(cfg.settings) * len(cfg.variants), desc="bench", unit="variant", disable=not progress)
-    for setting in cfg.settings:
-        built, tokenizers = {}, {}
-        for name in cfg.variants:
-            bar.set_postfix_str(f"{setting.name} {name}")
-            row, built[name] = _bench_variant(name, setting, cfg, device, encoder, tokenizers)
-            results.append(row)
-            bar.update(1)
-        if setting.kv_batch:
-            kv_rows += _kv_comparison(setting, [r for r in results if r["setting"] == setting.name], built, cfg,
-                                      device, encoder)
-    bar.close()
+    try:
+        t_start = time.perf_counter()
+        machine = machine_info(device)
+        encoder = load_text_encoder("minilm", device=device) if cfg.text_encoder == "minilm" else RandomText(device)
+        results, kv_rows = [], []
+        bar = tqdm(total=len(cfg.settings) * len(cfg.variants), desc="bench", unit="variant", disable=not progress)
+        for setting in cfg.settings:
+            captions = _captions(setting.sample_batch)
+            encode_s = _median_seconds(lambda: encoder.encode(captions), cfg.reps, Clock(device))[0] / len(captions)
+            built, tokenizers = {}, {}
+            for name in cfg.variants:
+                bar.set_postfix_str(f"{setting.name} {name}")
+                row, built[name] = _bench_variant(name, setting, cfg, device, encoder, encode_s, tokenizers)
+                results.append(row)
+                bar.update(1)
+            if setting.kv_batch:
+                kv_rows += _kv_comparison(setting, [r for r in results if r["setting"] == setting.name], built,
+                                          cfg, device, encoder)
+        bar.close()
+    finally:
+        torch.set_num_threads(threads)
     doc = dict(format=FORMAT, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), machine=machine,
                config=asdict(cfg) | dict(text_encoder=encoder.name, text_max_length=encoder.max_length,
                                          dtype_used="bf16" if _bf16(cfg, device) else "fp32",
@@ -485,8 +496,9 @@ def _captions(n: int) -> list[str]:
 
 
 def _bench_variant(name: str, setting: Setting, cfg: BenchConfig, device: torch.device, encoder: Any,
-                   tokenizers: dict[str, nn.Module]) -> tuple[dict, tuple[nn.Module, nn.Module]]:
-    """Training and sampling (guided, unguided) of one variant; returns its row and (variant, tokenizer)."""
+                   encode_s: float, tokenizers: dict[str, nn.Module]) -> tuple[dict, tuple[nn.Module, nn.Module]]:
+    """Training and sampling (guided, unguided) of one variant; returns its row and (variant, tokenizer).
+    `encode_s`: the text encoder's seconds per caption; `tokenizers`: stand-ins by kind, built on first use."""
     from harness import distributed as D
     from harness.config import DistConfig
     from variants.registry import build_variant
@@ -503,14 +515,12 @@ def _bench_variant(name: str, setting: Setting, cfg: BenchConfig, device: torch.
     row: dict[str, Any] = dict(setting=setting.name, variant=name, ladder=setting.ladder, size=setting.size,
                                seq_len=setting.seq_len, params=variant.param_counts())
     row["train"] = measure_training(variant, setting, cfg, device, encoder.max_length, encoder.dim)
-    captions = _captions(setting.sample_batch)
-    encode_s, _ = _median_seconds(lambda: encoder.encode(captions), cfg.reps, Clock(device))
-    text, text_mask = encoder.encode(captions)
+    text, text_mask = encoder.encode(_captions(setting.sample_batch))
     row["sample"] = {}
     for guidance, cfg_scale in (("guided", None), ("unguided", 1.0)):
         m = measure_sampling(variant, text, text_mask, tokenizer, cfg_scale=cfg_scale,
                              head_steps=setting.head_steps, cfg=cfg, device=device)
-        m["text_encoder_seconds_per_image"] = encode_s / len(captions)
+        m["text_encoder_seconds_per_image"] = encode_s
         m["end_to_end_seconds_per_image"] = (m["text_encoder_seconds_per_image"] + m["seconds_per_image"]
                                              + m["tokenizer_decode_seconds_per_image"])
         m["split"] = _split(m)

@@ -117,7 +117,8 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="Smoke run: smallest rung, tiny batches, one repetition."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for bench.json."),
     reps: Optional[int] = typer.Option(None, "--reps", min=1, help="Timed repetitions per measurement."),
-    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=0,
+                                          help="torch threads (default: 1 on CPU, torch's on CUDA; 0: torch's)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 autocast on CUDA) | fp32 | bf16"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile each block."),
@@ -148,10 +149,8 @@ def bench(
         raise FluidbenchError(f"--tokens {tokens!r}: choose 64, 256 or 64,256")
     if text_encoder not in ("minilm", "random"):
         raise FluidbenchError(f"--text-encoder {text_encoder!r}: choose minilm or random")
-    overrides = dict(threads=threads, dtype=dtype, compile=compile_, peak_tflops=peak_tflops,
-                     text_encoder=text_encoder)
-    if reps is not None:
-        overrides["reps"] = reps
+    overrides = dict(dtype=dtype, compile=compile_, peak_tflops=peak_tflops, text_encoder=text_encoder)
+    overrides |= {k: v for k, v in dict(reps=reps, threads=threads).items() if v is not None}
     cfg = bench_config(size, ladder=ladder, quick=quick, device=device, head_steps=head_steps, **overrides)
     cfg.settings = [s for s in cfg.settings if str(s.seq_len) in wanted]
     doc = run_bench(cfg)
