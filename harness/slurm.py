@@ -104,7 +104,7 @@ def submit(spec: Spec, jobs: list[Job] | None = None) -> dict[str, str]:
     registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
     ids: dict[str, str] = {}
     for job in jobs:
-        if is_done(spec, job) and job.stage != "report":
+        if is_done(spec, job) and not (job.stage == "make_report" and ids):  # redraw after new results
             continue
         previous = registry.get(job.name)
         if previous and _alive(previous):  # queued by an earlier invocation: wait for it, do not duplicate

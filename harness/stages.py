@@ -55,11 +55,13 @@ def plan_jobs(spec: Spec) -> list[Job]:
                                      "--out", out, options=options)))
         tok_deps[kind] = [f"tokenizer/{kind}"]
 
+    made_by = dict(tok_deps)  # the tokenizer job of each kind (the ceilings need no cache)
     # Tokens and text of the training data, encoded once per token kind before any run reads them, so runs
     # side by side never build the same cache twice (and 256 GPUs never wait on one rank encoding it).
     for kind in kinds:
         variant = next(v for v, _ in spec.runs() if token_kind(v) == kind)
         values = run_config_values(spec, variant, next(s for v, s in spec.runs() if v == variant))
+        values = {k: v for k, v in values.items() if k.startswith(("data.", "tokenizer.", "text."))}  # the key
         jobs.append(Job(f"cache/{kind}", "build_cache", {"values": values},
                         [str(spec.root / "cache" / f"{kind}.json")], deps=data_deps + tok_deps[kind],
                         resources=prep, command=f"fluidbench sweep {spec.name} --only cache/{kind}  # tokens + text "
@@ -82,7 +84,7 @@ def plan_jobs(spec: Spec) -> list[Job]:
             out = spec.root / "tokenizers" / kind / "ceiling.json"
             args = {"kind": kind, "per_prompt": geneval.get("per_prompt", 4), "seed": geneval.get("seed", 0)}
             jobs.append(Job(f"ceiling/{kind}", "tokenizer_ceiling", args, [str(out)],
-                            deps=data_deps + tok_deps[kind], resources=prep,
+                            deps=data_deps + made_by[kind], resources=prep,
                             command=f"fluidbench sweep {spec.name} --only ceiling/{kind}  # true scenes -> "
                                     f"{kind} encode/decode -> GenEval ({geneval.get('detector', 'shapes-oracle')})"))
             ceiling_jobs.append(f"ceiling/{kind}")
@@ -131,15 +133,13 @@ def _run_jobs(spec: Spec, variant: str, size: str, deps: list[str], feature_deps
                 resources=spec.resources_for("train", size), command=command)]
     sampling = dict(spec.eval.get("sampling") or {})
     for metric in EVAL_METRICS:
-        settings = spec.eval.get(metric)
-        if not settings:
+        if not spec.eval.get(metric):
             continue
-        args = {"run": str(run), "settings": dict(settings), "sampling": sampling}
-        options = {k: v for k, v in {**settings, **sampling}.items()
-                   if not isinstance(v, (dict, list)) and k != "ceiling"}
+        settings = eval_settings(spec, metric, bool(feature_deps))
+        args = {"run": str(run), "settings": settings, "sampling": sampling}
         jobs.append(Job(f"eval/{metric}/{name}", f"eval_{metric}", args, [str(run / "eval" / f"{metric}.json")],
                         deps=[f"train/{name}"] + (feature_deps if metric == "fid" else []), resources=evaluation,
-                        command=_cmd("fluidbench", "eval", metric, "--run", run, options=options)))
+                        command=_eval_command(metric, run, settings, sampling)))
     grid = spec.eval.get("grid")
     if grid:
         args = {"run": str(run), "prompts": list(grid["prompts"]), "per_prompt": grid.get("per_prompt", 4),
@@ -149,6 +149,32 @@ def _run_jobs(spec: Spec, variant: str, size: str, deps: list[str], feature_deps
                         command=f"fluidbench sample --run {run} --prompt PROMPT --n {args['per_prompt']} "
                                 f"--out ...  # x {len(args['prompts'])} prompts, one row each"))
     return jobs
+
+
+def eval_settings(spec: Spec, metric: str, own_features: bool) -> dict:
+    """The keyword arguments of eval.run_eval.eval_<metric> for this sweep: the spec's, plus the sweep's own
+    Shapes-FID extractor and reference cache, and its GenEval prompt file."""
+    settings = {k: v for k, v in spec.eval[metric].items() if k != "ceiling"}
+    if metric == "fid" and own_features:
+        settings.setdefault("weights", str(spec.root / "features"))
+        settings.setdefault("cache_dir", str(spec.root / "fid-ref"))
+    if metric == "geneval" and geneval_prompts(spec) is not None:
+        settings.setdefault("prompts", str(geneval_prompts(spec)))
+    return settings
+
+
+# `fluidbench eval <metric>` flags whose names differ from eval_<metric>'s keyword arguments
+CLI_FLAGS = {"per_prompt": "--n", "cache_dir": "--cache", "model": "--clip-model", "cfg_scale": "--cfg"}
+
+
+def _eval_command(metric: str, run: Path, settings: dict, sampling: dict) -> str:
+    words = ["fluidbench", "eval", metric, "--run", str(run)]
+    flags = {**CLI_FLAGS, "seed": "--data-seed", **({"weights": "--clip-weights"} if metric == "clipscore" else {})}
+    for key, value in settings.items():
+        words += [flags.get(key, "--" + key.replace("_", "-")), str(value)]
+    for key, value in sampling.items():
+        words += [CLI_FLAGS.get(key, "--" + key.replace("_", "-")), str(value)]
+    return shlex.join(words)
 
 
 def table_columns(spec: Spec) -> list[str]:
@@ -274,17 +300,12 @@ def _settings(sampling: dict) -> Any:
 
 
 def _evaluate(spec: Spec, metric: str, run: str, settings: dict, sampling: dict) -> None:
-    """`eval.run_eval.eval_<metric>(RUN, settings=..., **spec.eval.<metric>)`: sample the run's EMA weights,
+    """`eval.run_eval.eval_<metric>(RUN, settings=..., **eval_settings(...))`: sample the run's EMA weights,
     score, write RUN/eval/<metric>.json. The spec's keys are that function's keyword arguments."""
     from eval import run_eval
 
     fn = getattr(run_eval, f"eval_{metric}")
-    kwargs = {k: v for k, v in settings.items() if k != "ceiling"}
-    if metric == "fid" and (spec.root / "features" / "manifest.json").is_file():
-        kwargs.setdefault("weights", str(spec.root / "features"))  # the sweep's Shapes-FID extractor
-        kwargs.setdefault("cache_dir", str(spec.root / "fid-ref"))
-    if metric == "geneval" and geneval_prompts(spec) is not None:
-        kwargs.setdefault("prompts", str(geneval_prompts(spec)))
+    kwargs = dict(settings)
     problems = eval_setting_problems(metric, kwargs)
     if problems:
         raise FluidbenchError(problems[0])

@@ -323,7 +323,8 @@ def describe(spec: Spec, jobs: list[Job], executor: str) -> str:
         lines.append(f"    resources: {where if executor == 'slurm' else 'this machine, in this process'}")
         if job.deps:
             kind = "afterany" if job.stage == "make_report" else "afterok"
-            lines.append(f"    after:     {', '.join(job.deps)} ({kind})")
+            deps = job.deps if len(job.deps) <= 6 else job.deps[:3] + [f"... {len(job.deps) - 3} more"]
+            lines.append(f"    after:     {', '.join(deps)} ({kind})")
         lines.append(f"    command:   {job.command}")
     from harness.stages import EVAL_METRICS, eval_setting_problems
 
