@@ -116,7 +116,9 @@ def read_ceilings(sweep_dir: str | Path) -> dict[str, dict]:
     """Each tokenizer's GenEval ceiling (true scenes through encode/decode), by token kind."""
     out = {}
     for path in sorted(Path(sweep_dir).glob("tokenizers/*/ceiling.json")):
-        out[path.parent.name] = _read_json(path)
+        metrics = _read_json(path.parent / "metrics.json")  # our own tokenizers: PSNR, codebook use, oracle_exact
+        out[path.parent.name] = {**{k: metrics[k] for k in ("psnr", "codebook_usage", "oracle_exact")
+                                    if k in metrics}, **_read_json(path)}
     return out
 
 
@@ -309,6 +311,14 @@ def _quality_section(table: pd.DataFrame, ceilings: dict[str, dict], figures: di
     text += ["GenEval by task. A tokenizer's ceiling is the score of true scenes for every prompt after its "
              "encode/decode round trip: no variant on those tokens can be expected to exceed it.", "",
              markdown_table(header, rows), ""]
+    if ceilings:
+        rows = [[kind, c.get("psnr", np.nan), c.get("codebook_usage", np.nan), c.get("oracle_exact", np.nan),
+                 c.get("overall", np.nan), c.get("true_scenes_overall", np.nan)] for kind, c in sorted(ceilings.items())]
+        text += ["The tokenizers (metrics.json of `fluidbench tokenizer train`, and the ceiling): val PSNR, codebook "
+                 "use, the fraction of val scenes the oracle reads the same after the round trip, GenEval of the "
+                 "reconstructed and of the true scenes.", "",
+                 markdown_table(["tokenizer", "PSNR dB", "codebook use", "oracle exact", "GenEval ceiling",
+                                 "GenEval true scenes"], rows), ""]
     return text
 
 
