@@ -225,7 +225,10 @@ def plan(spec: Spec) -> list[Job]:
 
     jobs = stages.plan_jobs(spec)
     for job in jobs:
-        job.key = job.key or _key(job.stage, job.args)
+        # paths inside the sweep folder count relative to it: a moved sweep, or one named by an absolute
+        # path instead of a relative one, keeps its keys
+        args = json.dumps(job.args, sort_keys=True, default=str).replace(str(spec.root), "$SWEEP")
+        job.key = job.key or _key(job.stage, args)
     names = set()
     for job in jobs:
         missing = [d for d in job.deps if d not in names]
