@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from harness.bench import (BenchConfig, Probe, Clock, Setting, check_targets, measure_sampling, run_bench,
-                           stand_in_tokenizer, write_bench)
+from harness.bench import (BenchConfig, Clock, Probe, Setting, check_targets, kv_cache_summary, measure_sampling,
+                           run_bench, stand_in_tokenizer, write_bench)
 from variants.registry import build_variant
 
 STEPS = 4  # random-order reveal steps: fewer than the 16 tokens, so "passes == steps" differs from "== L"
@@ -71,6 +71,7 @@ def test_kv_cache_comparison_runs_a_raster_variant_both_ways(doc):
     assert kv["without_cache"]["counted"]["forward_passes"] == 16 and kv["without_cache"]["counts_match"]
     assert kv["speedup"] > 0 and kv["without_cache"]["flops_per_image"] > kv["with_cache"]["flops_per_image"]
     assert doc["kv_cache_speedup_256"] is None  # no 256-token setting here: the key is there, empty
+    assert kv["speedup_cpu_time"] > 0  # a CPU run: process CPU time next to wall time
     assert set(doc["targets"]) == {"forward_passes_match_schedule", "train_outside_forward_backward_lt_10pct",
                                    "kv_cache_speedup_256_ge_5"}
     assert doc["targets"]["kv_cache_speedup_256_ge_5"]["ok"] is False
@@ -98,7 +99,7 @@ def test_an_extra_backbone_pass_is_caught():
     assert m["counted"]["forward_passes"] == STEPS + 1 and not m["counts_match"]
     doc = {"results": [{"setting": "s", "variant": "vq-random", "sample": {"guided": m},
                         "train": {"outside_forward_backward": 0.0}}],
-           "kv_cache": [], "kv_cache_speedup_256": None, "kv_cache_speedup_256_cpu_time": None}
+           "kv_cache": [], **kv_cache_summary([])}
     assert not check_targets(doc)["forward_passes_match_schedule"]["ok"]
 
 
@@ -133,3 +134,12 @@ def test_bad_options_are_one_line_errors(args, field, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and field in err and "\n" not in err
+
+
+def test_kv_speedup_is_taken_in_cpu_time_where_there_is_one():
+    row = dict(seq_len=256, speedup=4.0, speedup_cpu_time=6.0)
+    assert kv_cache_summary([row]) == dict(kv_cache_speedup_256=6.0, kv_cache_speedup_256_measure="cpu_time",
+                                           kv_cache_speedup_256_wall=4.0, kv_cache_speedup_256_cpu_time=6.0)
+    cuda = kv_cache_summary([row | dict(speedup_cpu_time=None)])  # a GPU: wall (device) time only
+    assert cuda["kv_cache_speedup_256"] == 4.0 and cuda["kv_cache_speedup_256_measure"] == "wall"
+    assert kv_cache_summary([row | dict(seq_len=64)])["kv_cache_speedup_256"] is None
