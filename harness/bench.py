@@ -69,14 +69,15 @@ class BenchConfig:
     peak_tflops: float | None = None  # for MFU; None = the table above (CUDA only)
     text_encoder: str = "minilm"      # minilm | random (no text-encoder cost: tests, machines without MiniLM)
     seed: int = 0
+    quick: bool = False       # a smoke run: the targets are meant for the default settings
     variants: list[str] = field(default_factory=lambda: ["vq-raster", "vq-random", "kl-raster", "kl-random"])
 
 
 def bench_config(size: str = "cpu-s", *, ladder: str = "cpu", quick: bool = False, device: str = "auto",
                  head_steps: int | None = None, **overrides: Any) -> BenchConfig:
-    """The default settings: `size` at 64 and at 256 tokens. On a CPU: small batches and 5 head steps (the paper's
-    100 x 256 tokens take minutes there; both counts are recorded, with an estimate at 100). `quick` (tests,
-    smoke runs): the smallest rung, batches of 1-4, 2 head steps, one timed repetition."""
+    """The default settings: `size` at 64 and at 256 tokens. On a CPU: small batches, one thread and 5 diffusion
+    head steps (the paper's 100 x 256 tokens take minutes there; both counts are recorded, with an estimate at
+    100). `quick` (smoke runs): the smallest rung, batches of 1-8, 2 head steps, one timed repetition."""
     from variants.registry import LADDER_SHAPES
     cuda = _device(device).type == "cuda"
     small, paper = LADDER_SHAPES["cpu"], LADDER_SHAPES["paper"]
@@ -97,7 +98,7 @@ def bench_config(size: str = "cpu-s", *, ladder: str = "cpu", quick: bool = Fals
     # threads made a training step 15-20x slower (OpenMP threads waiting on each other under oversubscription).
     cfg = BenchConfig(settings, device=device, threads=0 if cuda else 1)
     if quick:
-        cfg = replace(cfg, reps=1, train_warmup=1, train_reps=2)
+        cfg = replace(cfg, reps=1, train_warmup=1, train_reps=2, quick=True)
     return replace(cfg, **overrides)
 
 
@@ -307,8 +308,9 @@ def _fake_cache(folder: Path, kind: str, setting: Setting, items: int, text_len:
 def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, device: torch.device,
                      text_len: int, text_dim: int) -> dict:
     """The training step as harness/train.py's loop runs it (batch from a CachedSplit, lr schedule, autocast,
-    loss, backward, grad clip, AdamW, zero_grad, EMA, loss accumulation): median step time and the share of
-    the step outside the model's forward + backward."""
+    loss, backward, grad clip, fused AdamW, zero_grad, EMA, loss accumulation): median step time and the share
+    of the step outside the model's forward + backward. train.py has no step function to call: keep the two
+    in step (its helpers, EMA and data classes are imported, not copied)."""
     from harness.cache import CachedSplit
     from harness.config import RunConfig
     from harness.train import EMA, EpochSampler, ema_decay, learning_rate, weight_decay_groups
@@ -412,7 +414,8 @@ def measure_sampling(variant: nn.Module, text: torch.Tensor, text_mask: torch.Te
                **_throughput(cost["flops"] * B / wall, device, cfg), **memory)
     paper = variant.defaults["head_steps"]
     if paper and used and used != paper:  # the head's time grows with its steps: an estimate, labelled so
-        out["seconds_per_image_at_paper_head_steps_est"] = wall / B + split["head"] * (paper / used - 1)
+        head_s = split["head"] * wall / max(probe_s, 1e-12)  # its share of the instrumented run, of a timed one
+        out["seconds_per_image_at_paper_head_steps_est"] = wall / B + head_s * (paper / used - 1)
     return out
 
 

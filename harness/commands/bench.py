@@ -75,6 +75,8 @@ def summary_lines(doc: dict) -> list[str]:
         value = t.get("value", t.get("max"))
         extra = f" {len(t['mismatches'])} mismatches of {t['checked']}" if "mismatches" in t else f" {_fmt(value)}"
         lines.append(f"target {name}: {'ok' if t['ok'] else 'FAILED'}{extra}")
+    if doc["config"].get("quick"):
+        lines.append("quick run: tiny batches and the smallest rung; the targets are meant for the default settings")
     lines.append(f"machine: {m.get('gpu') or m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, "
                  f"{m['threads']} threads, load average {m['loadavg_start']} -> {m['loadavg_end']}; "
                  f"bench took {doc['wall_s']:.0f} s")
