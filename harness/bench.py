@@ -313,7 +313,7 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
     in step (its helpers, EMA and data classes are imported, not copied)."""
     from harness.cache import CachedSplit
     from harness.config import RunConfig
-    from harness.train import EMA, EpochSampler, ema_decay, learning_rate, weight_decay_groups
+    from harness.train import EMA, EpochSampler, ema_decay, learning_rate, to_device, weight_decay_groups
 
     run = RunConfig.from_overrides({"train.batch_size": setting.train_batch, "train.seed": cfg.seed})
     use_bf16 = _bf16(cfg, device)
@@ -322,7 +322,9 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
                                   betas=(run.optim.beta1, run.optim.beta2), weight_decay=0.0, fused=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = EMA(params)
-    loss_gen, data_gen = torch.Generator().manual_seed(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed + 2)
+    # as train.py: loss draws on the device, KL token samples on the host where the cache lives
+    loss_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 2)
     loss_sum = torch.zeros((), device=device)
     marks, steps = Marks(device), cfg.train_warmup + cfg.train_reps
     with tempfile.TemporaryDirectory(prefix="fluidbench-bench-") as tmp:
@@ -332,8 +334,7 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
         with peak_memory(device) as memory:
             for step in range(steps):
                 marks.mark()  # 4 step: the step begins
-                batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(sampler.next_batch(),
-                                                                                   data_gen).items()}
+                batch = to_device(data.batch(sampler.next_batch(), data_gen), device)
                 lr = learning_rate(run, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
