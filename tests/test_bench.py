@@ -120,7 +120,8 @@ def test_cli_writes_the_json_and_prints_the_table(doc, tmp_path, monkeypatch, ca
         cli.main(["bench", "--quick", "--out", str(tmp_path), "--markdown"])
     assert exit_info.value.code == 0
     written = json.loads((tmp_path / "bench.json").read_text())
-    assert written["results"] == doc["results"] and written["command"] == f"fluidbench bench --quick --out {tmp_path} --markdown"
+    assert written["results"] == doc["results"]
+    assert written["command"] == f"fluidbench bench --quick --out {tmp_path} --markdown"
     out = capsys.readouterr().out
     assert "vq-random" in out and "| variant |" in out and "target forward_passes_match_schedule: ok" in out
 

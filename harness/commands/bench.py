@@ -131,7 +131,7 @@ def bench(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 autocast on CUDA) | fp32 | bf16"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile each block."),
     head_steps: Optional[int] = typer.Option(None, "--head-steps", min=1,
-                                             help="Diffusion head steps while timing (default: 5 on CPU, 100 on CUDA)."),
+                                             help="Diffusion head steps while timing (5 on CPU, 100 on CUDA)."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Device peak for MFU (default: table)."),
     tokens: str = typer.Option("64,256", "--tokens", help="Which settings: 64, 256 or both."),
     text_encoder: str = typer.Option("minilm", "--text-encoder", help="minilm | random (no text-encoder cost)."),
