@@ -205,6 +205,8 @@ class Variant(nn.Module):
         steps = self.order.check_steps(steps)
         cfg = float(self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale)
         head_steps = int(self.defaults["head_steps"] if head_steps is None else head_steps)
+        if self.token_kind == "vq":
+            head_steps = 0  # a categorical head samples in one evaluation; `sample` ignores head_steps too
         rows = 2 if cfg != 1.0 else 1
         passes = self.order.pass_shapes(steps, kv_cache)
         backbone = sum(self._pass_flops(q, k, t) for q, k, t in passes)
