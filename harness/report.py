@@ -69,9 +69,7 @@ def collect_run(run: Path) -> dict[str, Any]:
         stats = {**source, **(source.get("sampling_stats") or {})}
         if stats.get("seconds_per_image") is not None:
             row["seconds_per_image"] = stats["seconds_per_image"]
-            # the compute-relevant count (x2 with guidance); eval.sampling names it with a doubled suffix
-            row["forward_passes_per_image"] = stats.get("forward_passes_per_image_per_image",
-                                                        stats.get("forward_passes_per_image"))
+            row["forward_passes_per_image"] = stats.get("forward_passes_per_image")  # x2 with guidance
             break
     return {c: (np.nan if row.get(c) is None else row[c]) for c in COLUMNS}
 
