@@ -217,7 +217,7 @@ def _shapes_like(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_vq_training_uses_the_codebook():
-    cfg = TokenizerTrainConfig(kind="vq", steps=25, batch_size=8, restart_every=5, kmeans_iters=3, **TINY)
+    cfg = TokenizerTrainConfig(kind="vq", steps=25, batch_size=8, restart_every=5, kmeans_iters=3, threads=1, **TINY)
     data = _shapes_like(64)
     tok, stats = train_tokenizer(cfg, data)
     assert stats["steps"] == 25 and tok.vocab_size == 64
@@ -228,7 +228,7 @@ def test_vq_training_uses_the_codebook():
 
 
 def test_kl_training_lowers_loss_and_normalises_latents():
-    cfg = TokenizerTrainConfig(kind="kl", steps=40, batch_size=8, lr=3e-3, **TINY)
+    cfg = TokenizerTrainConfig(kind="kl", steps=40, batch_size=8, lr=3e-3, threads=1, **TINY)
     data = _shapes_like(96)
     before, _ = reconstruction_metrics(build_tokenizer(cfg), data)
     tok, stats = train_tokenizer(cfg, data)

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="the tokenizer folder to write"),
         steps: int = typer.Option(0, "--steps", help="step cap (0 = train until the time budget)"),
         budget_s: Optional[float] = typer.Option(None, "--budget-s",
-                                                 help="wall-clock budget of the training loop [default: 270]"),
+                                                 help="wall-clock budget of the training loop [default: 240]"),
         seed: int = typer.Option(0, "--seed"),
         grid: Optional[int] = typer.Option(None, "--grid", help="tokens per side [default: 8]"),
         patch: Optional[int] = typer.Option(None, "--patch", help="kl: p x p latent patch per token [default: 1]"),
