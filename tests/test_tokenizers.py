@@ -251,8 +251,9 @@ def test_cli_train_and_eval(tmp_path, capsys):
     from harness.data.shapes import write_shapes
 
     write_shapes(tmp_path / "shapes", n_train=48, n_val=12, progress=False)
-    assert 0 == _cli(["tokenizer", "train", "--kind", "vq", "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "tok"),
-          "--steps", "3", "--batch-size", "8", "--codebook-size", "64"])
+    data, out = str(tmp_path / "shapes"), str(tmp_path / "tok")
+    assert 0 == _cli(["tokenizer", "train", "--kind", "vq", "--data", data, "--out", out, "--steps", "3",
+                      "--codebook-size", "64"])
     metrics = json.loads((tmp_path / "tok" / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["kind"] == "vq" and metrics["seq_len"] == 64
     for key in ("psnr", "codebook_usage", "oracle_exact", "train_s", "train_cpu_s", "wall_s"):
@@ -261,10 +262,10 @@ def test_cli_train_and_eval(tmp_path, capsys):
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.checksum == metrics["checksum"] and tok.vocab_size == 64
 
-    assert 0 == _cli(["tokenizer", "eval", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "shapes")])
+    assert 0 == _cli(["tokenizer", "eval", "--tokenizer", out, "--data", data])
     report = json.loads((tmp_path / "tok" / "recon_eval.json").read_text())
     assert report["images"] == 12 and abs(report["psnr"] - metrics["psnr"]) < 1e-6  # the same val images
     assert '"psnr"' in capsys.readouterr().out
 
-    assert 2 == _cli(["tokenizer", "eval", "--tokenizer", str(tmp_path / "missing"), "--data", str(tmp_path / "shapes")])
+    assert 2 == _cli(["tokenizer", "eval", "--tokenizer", str(tmp_path / "missing"), "--data", data])
     assert "tokenizer.json" in capsys.readouterr().err

@@ -219,7 +219,8 @@ def load_tokenizer(path: str | Path, *, image_size: int | None = None, patch: in
     elif p.is_dir() and not (p / "config.json").is_file():
         sub = next((p / s for s in ("vae", "vqvae") if (p / s / "config.json").is_file()), None)
         if sub is None:
-            raise FileNotFoundError(f"{p} has neither tokenizer.json nor config.json (nor vae/ or vqvae/); {WHERE_FROM}")
+            raise FileNotFoundError(f"{p} has neither tokenizer.json nor config.json (nor vae/ or vqvae/); "
+                                    f"{WHERE_FROM}")
         tok = load_tokenizer(sub, image_size=image_size, patch=patch, pixel_range=pixel_range, device=device)
     elif p.is_dir():
         tok = _load_diffusers(p, image_size or 256, patch, pixel_range)
@@ -246,6 +247,10 @@ def _hub_snapshot(repo_id: str) -> Path:
                                 f"be fetched ({type(e).__name__}); {WHERE_FROM}") from None
 
 
+# Without the optional `accelerate` package diffusers warns and falls back to this anyway; say it up front.
+_NO_ACCELERATE = dict(low_cpu_mem_usage=False)
+
+
 def _load_ours(folder: Path) -> Tokenizer:
     from diffusers import AutoencoderKL, VQModel
 
@@ -253,12 +258,12 @@ def _load_ours(folder: Path) -> Tokenizer:
     if not (folder / "model" / "config.json").is_file():
         raise FileNotFoundError(f"{folder / 'model' / 'config.json'} is missing: the tokenizer folder is incomplete")
     if meta["kind"] == "vq":
-        tok: Tokenizer = VQTokenizer(VQModel.from_pretrained(folder / "model"), image_size=meta["image_size"],
-                                     pixel_range=meta["pixel_range"])
+        model = VQModel.from_pretrained(folder / "model", **_NO_ACCELERATE)
+        tok: Tokenizer = VQTokenizer(model, image_size=meta["image_size"], pixel_range=meta["pixel_range"])
     elif meta["kind"] == "kl":
-        tok = KLTokenizer(AutoencoderKL.from_pretrained(folder / "model"), image_size=meta["image_size"],
-                          patch=meta["patch"], scale=meta["scale"], shift=meta["shift"],
-                          pixel_range=meta["pixel_range"])
+        model = AutoencoderKL.from_pretrained(folder / "model", **_NO_ACCELERATE)
+        tok = KLTokenizer(model, image_size=meta["image_size"], patch=meta["patch"], scale=meta["scale"],
+                          shift=meta["shift"], pixel_range=meta["pixel_range"])
     else:
         raise ValueError(f"{folder / 'tokenizer.json'}: kind must be 'vq' or 'kl', got {meta['kind']!r}")
     if tok.checksum != meta["checksum"]:
@@ -273,10 +278,10 @@ def _load_diffusers(folder: Path, image_size: int, patch: int | None, pixel_rang
     cls = config.get("_class_name")
     if cls == "VQModel":
         # aMUSEd's pipeline feeds the VQ-GAN images in [0, 1] (VaeImageProcessor(do_normalize=False))
-        return VQTokenizer(VQModel.from_pretrained(folder), image_size=image_size,
+        return VQTokenizer(VQModel.from_pretrained(folder, **_NO_ACCELERATE), image_size=image_size,
                            pixel_range=pixel_range or "zero_one")
     if cls == "AutoencoderKL":
-        model = AutoencoderKL.from_pretrained(folder)
+        model = AutoencoderKL.from_pretrained(folder, **_NO_ACCELERATE)
         factor = 2 ** (len(model.config.block_out_channels) - 1)
         patch = patch or max(1, image_size // factor // 16)  # the paper's 16x16 grid: SD-VAE f8 at 256 -> p = 2
         return KLTokenizer(model, image_size=image_size, patch=patch, scale=model.config.scaling_factor,
