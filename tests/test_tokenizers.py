@@ -227,6 +227,12 @@ def test_vq_training_uses_the_codebook():
     assert recs.shape == data.shape and recs.dtype == torch.uint8
 
 
+def test_time_budget_stops_training_but_not_before_min_steps():
+    cfg = TokenizerTrainConfig(kind="kl", steps=1000, min_steps=4, time_budget_s=1e-6, batch_size=2, threads=1, **TINY)
+    _, stats = train_tokenizer(cfg, _shapes_like(8))
+    assert stats["steps"] == 4 and stats["over_budget"]
+
+
 def test_kl_training_lowers_loss_and_normalises_latents():
     cfg = TokenizerTrainConfig(kind="kl", steps=40, batch_size=8, lr=3e-3, threads=1, **TINY)
     data = _shapes_like(96)

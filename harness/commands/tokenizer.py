@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(0, "--steps", help="step cap (0 = train until the time budget)"),
         budget_s: Optional[float] = typer.Option(None, "--budget-s",
                                                  help="wall-clock budget of the training loop [default: 240]"),
+        min_steps: Optional[int] = typer.Option(None, "--min-steps",
+                                                help="train at least this many steps, budget or not [default: 500]"),
         seed: int = typer.Option(0, "--seed"),
         grid: Optional[int] = typer.Option(None, "--grid", help="tokens per side [default: 8]"),
         patch: Optional[int] = typer.Option(None, "--patch", help="kl: p x p latent patch per token [default: 1]"),
@@ -50,13 +52,13 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = default_config(kind, image_size=train_images.shape[-1], grid=grid, patch=patch,
                                  codebook_size=codebook_size, steps=steps or None, time_budget_s=budget_s, seed=seed,
-                                 threads=threads, latent_channels=latent_channels, batch_size=batch_size, lr=lr)
+                                 min_steps=min_steps, threads=threads, latent_channels=latent_channels, batch_size=batch_size, lr=lr)
         except ValueError as e:
             raise FluidbenchError(f"tokenizer settings: {e}") from None
         tokenizer, stats = train_tokenizer(cfg, train_images, log=_progress(cfg))
         metrics = _evaluate(tokenizer, val_images, shapes=True)
         metrics.update(steps=stats["steps"], train_s=round(stats["train_s"], 1), train_cpu_s=round(stats["cpu_s"], 1),
-                       steps_per_s=round(stats["steps_per_s"], 3), threads=threads,
+                       steps_per_s=round(stats["steps_per_s"], 3), threads=threads, over_budget=stats["over_budget"],
                        final_loss=stats["final_loss"], config=stats["config"], data=str(val_root.resolve()),
                        kind=tokenizer.kind, seq_len=tokenizer.seq_len, vocab_size=tokenizer.vocab_size,
                        token_dim=tokenizer.token_dim, checksum=tokenizer.checksum)
