@@ -33,6 +33,8 @@ def digest(obj: Any) -> str:
 def data_fingerprint(path: str | os.PathLike) -> dict:
     """Content identity of a data set: its manifest.json when it has one (ShapesT2I), else file names/sizes/times."""
     p = Path(path).expanduser().resolve()
+    if not p.exists():  # a brace pattern of shards or a URL: its name is all we can key on
+        return dict(path=str(path))
     if (p / "manifest.json").is_file():
         return dict(path=str(p), manifest=hashlib.sha256((p / "manifest.json").read_bytes()).hexdigest())
     files = sorted(f for f in p.rglob("*") if f.is_file() and "cache" not in f.relative_to(p).parts) \
@@ -44,8 +46,8 @@ def data_fingerprint(path: str | os.PathLike) -> dict:
     return dict(path=str(p), files=h.hexdigest())
 
 
-def cache_key(data: dict, split: str, n: int, tokenizer, text_encoder) -> dict:
-    """Everything that changes the cached arrays."""
+def cache_key(data: dict, split: str, n: int | None, tokenizer, text_encoder) -> dict:
+    """Everything that changes the cached arrays (n None: an iterable data set, counted when built)."""
     return dict(format=FORMAT, data=data, split=split, n=n,
                 tokenizer=dict(checksum=tokenizer.checksum, kind=tokenizer.kind, seq_len=tokenizer.seq_len,
                                vocab_size=tokenizer.vocab_size, token_dim=tokenizer.token_dim),
@@ -63,7 +65,7 @@ def is_valid(folder: Path, key: dict) -> bool:
         manifest = json.loads((folder / "manifest.json").read_text())
         if manifest.get("key") != key:
             return False
-        return all(np.load(folder / f"{name}.npy", mmap_mode="r").shape[0] == key["n"]
+        return all(np.load(folder / f"{name}.npy", mmap_mode="r").shape[0] == manifest["n"]
                    for name in ARRAYS[key["tokenizer"]["kind"]])
     except (OSError, ValueError, KeyError):
         return False
@@ -74,8 +76,11 @@ def build_cache(folder: str | os.PathLike, key: dict, dataset, tokenizer, text_e
     """Encode every item of `dataset` ((uint8 (3, H, W), caption) pairs) into `folder`, replacing what is there.
 
     Written into a temporary sibling and renamed into place, so a crash never leaves a folder that looks valid.
-    Each distinct caption is encoded once (ShapesT2I captions repeat a lot).
+    Each distinct caption is encoded once (ShapesT2I captions repeat a lot). A data set without a length (tar
+    shards) is read twice: once to count, once to encode.
     """
+    from itertools import islice
+
     from tqdm import tqdm
 
     folder = Path(folder)
@@ -83,14 +88,18 @@ def build_cache(folder: str | os.PathLike, key: dict, dataset, tokenizer, text_e
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    n, kind, L = key["n"], tokenizer.kind, tokenizer.seq_len
+    n = key["n"] if key["n"] is not None else sum(1 for _ in dataset)
+    kind, L = tokenizer.kind, tokenizer.seq_len
+    items_iter = (dataset[i] for i in range(n)) if key["n"] is not None else iter(dataset)
     start = time.perf_counter()
     try:
         arrays = _open_arrays(tmp, n, kind, L, tokenizer.token_dim, text_encoder.max_length, text_encoder.dim)
         captions: list[str] = []
         bar = tqdm(total=n, desc=f"cache {key['split']} ({kind})", unit="img", disable=not progress, leave=False)
         for s in range(0, n, batch_size):
-            items = [dataset[i] for i in range(s, min(s + batch_size, n))]
+            items = list(islice(items_iter, min(batch_size, n - s)))
+            if not items:
+                raise FluidbenchError(f"data set ended after {s} of {n} items while caching {key['split']}")
             images = torch.stack([img for img, _ in items]).float() / 127.5 - 1
             captions += [cap for _, cap in items]
             if kind == "vq":
@@ -198,7 +207,8 @@ class CachedSplit(torch.utils.data.Dataset):
     def ensure(cls, root: str | os.PathLike, data: dict, split: str, dataset, tokenizer, text_encoder, *,
                progress: bool = True, generator: torch.Generator | None = None) -> "CachedSplit":
         """Open the cache of `dataset` under `root`, building it first if it is missing or stale."""
-        key = cache_key(data, split, len(dataset), tokenizer, text_encoder)
+        key = cache_key(data, split, len(dataset) if hasattr(dataset, "__len__") else None, tokenizer,
+                        text_encoder)
         folder = cache_folder(root, key)
         if not is_valid(folder, key):
             build_cache(folder, key, dataset, tokenizer, text_encoder, progress=progress)
@@ -230,11 +240,6 @@ def open_dataset(kind: str, path: str, split: str):
     """The (image, caption) data set behind a cache."""
     if not path:
         raise FluidbenchError("config data.path is empty: point it at a data set (e.g. `fluidbench data shapes`)")
-    import harness.data as data
+    from harness.data import open_dataset as open_data
 
-    if hasattr(data, "open_dataset"):
-        return data.open_dataset(kind, path, split)
-    if kind == "shapes":
-        from harness.data.shapes import ShapesDataset
-        return ShapesDataset(path, split)
-    raise FluidbenchError(f"config data.kind={kind!r}: no loader available")
+    return open_data(kind, path, split)

@@ -124,3 +124,19 @@ def test_open_from_run_config(tmp_path, shapes, minilm):
     split = CachedSplit.open(cfg, "val", tok, minilm, progress=False)
     assert len(split) == 10 and split.kind == "kl" and split.token_dim == 4 and split.text_dim == 384
     assert split.folder.parent == tmp_path / "c" and split.folder.name.startswith("val-kl-")
+
+
+def test_iterable_data_set_is_counted_then_cached(tmp_path, shapes, minilm):
+    """Tar shards have no length: the cache counts them, then encodes them in order."""
+    data = ShapesDataset(shapes, "val")
+
+    class Shards(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return (data[i] for i in range(len(data)))
+
+    tok = build_tokenizer(TokenizerTrainConfig(kind="vq", **TINY))
+    split = CachedSplit.ensure(tmp_path, {"path": "shards-{000..001}.tar"}, "val", Shards(), tok, minilm,
+                               progress=False)
+    assert len(split) == 10 and split.manifest["key"]["n"] is None
+    image, _ = data[9]
+    assert torch.equal(split.batch([9])["tokens"][0], tok.encode(image[None].float() / 127.5 - 1)[0])
