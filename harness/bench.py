@@ -309,11 +309,11 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
                      text_len: int, text_dim: int) -> dict:
     """The training step as harness/train.py's loop runs it (batch from a CachedSplit, lr schedule, autocast,
     loss, backward, grad clip, fused AdamW, zero_grad, EMA, loss accumulation): median step time and the share
-    of the step outside the model's forward + backward. train.py has no step function to call: keep the two
-    in step (its helpers, EMA and data classes are imported, not copied)."""
+    of the step outside the model's forward + backward. The step is train.py's own `train_step`, with its
+    EMA, sampler and data classes, so what is timed is what the training loop runs."""
     from harness.cache import CachedSplit
     from harness.config import RunConfig
-    from harness.train import EMA, EpochSampler, ema_decay, learning_rate, to_device, weight_decay_groups
+    from harness.train import EMA, EpochSampler, to_device, train_step, weight_decay_groups
 
     run = RunConfig.from_overrides({"train.batch_size": setting.train_batch, "train.seed": cfg.seed})
     use_bf16 = _bf16(cfg, device)
@@ -335,21 +335,10 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
             for step in range(steps):
                 marks.mark()  # 4 step: the step begins
                 batch = to_device(data.batch(sampler.next_batch(), data_gen), device)
-                lr = learning_rate(run, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                marks.mark()  # 4 step + 1: forward begins
-                with torch.autocast(device.type, dtype=torch.bfloat16 if use_bf16 else torch.float32,
-                                    enabled=use_bf16):
-                    loss = model(batch["tokens"], batch["text"], batch["text_mask"], loss_gen)
-                loss.backward()
-                marks.mark()  # 4 step + 2: backward done
-                if run.optim.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip, foreach=True)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                ema.update(params, ema_decay(run, step))
-                loss_sum += loss.detach().float()
+                # marks 4 step + 1 (forward begins) and 4 step + 2 (backward done) are set inside
+                loss, _ = train_step(run, step, model, optimizer, ema, params, batch, loss_gen,
+                                     torch.bfloat16 if use_bf16 else None, mark=marks.mark)
+                loss_sum += loss
                 marks.mark()  # 4 step + 3: the step is done
     variant.eval()
     timed = range(cfg.train_warmup, steps)

@@ -165,18 +165,8 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
         while step < steps:
             indices = sampler.next_batch()[info.rank * batch_per_rank:(info.rank + 1) * batch_per_rank]
             batch = to_device(train_data.batch(indices, data_gen), info.device)
-            lr = learning_rate(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(info.device.type, dtype=autocast_dtype or torch.float32, enabled=use_bf16):
-                loss = model(batch["tokens"], batch["text"], batch["text_mask"], loss_gen)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(params, ema_decay(cfg, step))
-            loss_sum += loss.detach().float()
+            loss, lr = train_step(cfg, step, model, optimizer, ema, params, batch, loss_gen, autocast_dtype)
+            loss_sum += loss
             loss_count += 1
             step += 1
             pbar.update(1)
@@ -233,6 +223,33 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     if info.is_main:
         write_json(run / "summary.json", summary)
     return summary
+
+
+def train_step(cfg: RunConfig, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, ema: "EMA",
+               params: list[torch.Tensor], batch: dict[str, torch.Tensor], loss_gen: torch.Generator,
+               autocast_dtype: torch.dtype | None, mark: Any = None) -> tuple[torch.Tensor, float]:
+    """One optimisation step of the recipe: the step's lr, forward + backward (autocast when autocast_dtype is
+    set), gradient clipping, the optimizer, the EMA. Returns the detached float loss (no host sync) and the lr.
+
+    `mark()`, when given, is called as forward begins and as backward ends (make bench times the parts).
+    """
+    lr = learning_rate(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if mark:
+        mark()
+    device_type = batch["tokens"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(batch["tokens"], batch["text"], batch["text_mask"], loss_gen)
+    loss.backward()
+    if mark:
+        mark()
+    if cfg.optim.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema.update(params, ema_decay(cfg, step))
+    return loss.detach().float(), lr
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
