@@ -119,22 +119,32 @@ def run_local(spec: Spec, jobs: list[Job] | None = None, workers: int | None = N
 
 
 def _sequential(book: _Book) -> None:
-    for job in book.jobs:
-        if book.settle(job):
-            continue
-        book.started(job)
-        t0 = time.time()
-        try:
-            run_job(book.spec, job)
-        except KeyboardInterrupt:
-            log_event(book.spec, "interrupted", job.name)
-            raise
-        except Exception as e:  # noqa: BLE001 - recorded and reported; the sweep goes on
-            book.finished(job, time.time() - t0, _error(e))
-            if os.environ.get("FLUIDBENCH_DEBUG"):
-                traceback.print_exc()
-            continue
-        book.finished(job, time.time() - t0, None)
+    import torch
+
+    # the spec's thread count here too: CPU results depend on it (the order of float sums), so a job gives
+    # the same numbers in this process as in a worker, and a resumed evaluation matches an uninterrupted one
+    threads, before = book.spec.local.get("threads"), torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+        for job in book.jobs:
+            if book.settle(job):
+                continue
+            book.started(job)
+            t0 = time.time()
+            try:
+                run_job(book.spec, job)
+            except KeyboardInterrupt:
+                log_event(book.spec, "interrupted", job.name)
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded and reported; the sweep goes on
+                book.finished(job, time.time() - t0, _error(e))
+                if os.environ.get("FLUIDBENCH_DEBUG"):
+                    traceback.print_exc()
+                continue
+            book.finished(job, time.time() - t0, None)
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------- parallel
