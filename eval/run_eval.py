@@ -59,16 +59,18 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
     metadata = load_prompts(prompt_file)
     detector = detector or ("shapes-oracle" if run.config.data.kind == "shapes" else "mmdet")
     folder = Path(run_dir) / "eval" / "geneval"
-    done = {index for index, _, samples in iter_prompt_folders(folder) if len(samples) >= per_prompt} \
-        if folder.is_dir() else set()
-    todo = [i for i in range(len(metadata)) if i not in done]
+    _keyed_folder(folder, {"prompts": [m["prompt"] for m in metadata], "per_prompt": per_prompt,
+                           "settings": settings.resolved(run.variant), "step": run.step})
+    done = {index for index, _, samples in iter_prompt_folders(folder) if len(samples) >= per_prompt}
+    captions = [meta["prompt"] for meta in metadata for _ in range(per_prompt)]
+    skip = [index * per_prompt + j for index in done for j in range(per_prompt)]
     stats = SamplingStats()
-    captions = [metadata[i]["prompt"] for i in todo for _ in range(per_prompt)]
     images: list[np.ndarray] = []
-    for k, image in generate(run, captions, settings, stats, progress=progress, desc="geneval samples"):
+    for k, image in generate(run, captions, settings, stats, progress=progress, desc="geneval samples",
+                             skip=skip):
         images.append(image)
         if len(images) == per_prompt:  # one prompt complete: write its folder (metadata last marks it done)
-            index = todo[k // per_prompt]
+            index = k // per_prompt
             write_prompt_folder(folder, index, metadata[index], images)
             images = []
     det = load_detector(detector, detector_path, device=device)
@@ -82,20 +84,49 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
     return result
 
 
-def _split_sample(run: Any, split: str, n: int, seed: int, resolution: int | None):
+def _keyed_folder(folder: Path, key: dict) -> None:
+    """Keep `folder`'s samples only if they were made with `key` (prompts, settings, checkpoint step)."""
+    import shutil
+
+    key_path = folder / "samples.json"
+    if folder.is_dir() and not (key_path.is_file() and json.loads(key_path.read_text()).get("key") == key):
+        shutil.rmtree(folder)  # samples of another checkpoint or other settings: made again, never mixed
+    folder.mkdir(parents=True, exist_ok=True)
+    if not key_path.is_file():
+        write_json(key_path, {"key": key})
+
+
+def _reference_data(run: Any, data_kind: str | None, data_path: str | None, split: str | None,
+                    n: int, seed: int) -> tuple[str, str, Any]:
+    """(kind, split, data set) of the real images and captions: N of `split` of the run's own data, or of
+    another data set (data_kind + data_path: COCO-2014 for the paper's FID and CLIP score)."""
     from harness.data import open_dataset
 
     data = run.config.data
-    return open_dataset(data.kind, data.path, split, image_size=resolution, n=n, seed=seed)
+    if data_kind or data_path:
+        if not (data_kind and data_path and split):
+            raise FluidbenchError("reference data: data_kind, data_path and split go together (e.g. coco, "
+                                  "/datasets/coco, train2014)")
+        kind, path = data_kind, data_path
+    else:
+        kind, path, split = data.kind, data.path, split or data.val_split
+    resolution = None if kind == "shapes" else run.tokenizer.image_size
+    dataset = open_dataset(kind, path, split, image_size=resolution, n=n, seed=seed)
+    if len(dataset) < n:
+        raise FluidbenchError(f"n={n}: split {split!r} of {path} has only {len(dataset)} images")
+    return kind, split, dataset
 
 
 def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, seed: int = 0,
+             data_kind: str | None = None, data_path: str | None = None,
              extractor: str | None = None, weights: str | None = None, cache_dir: str | Path | None = None,
              settings: SamplingSettings | None = None, device: str | None = None, progress: bool = True) -> dict:
     """FID of N samples for N captions of `split` against the same N real images (cached reference stats).
 
-    ShapesT2I runs default to the Shapes feature extractor (`weights` = its train-features folder), everything
-    else to torch-fidelity's TF-compatible InceptionV3 (`weights` = its .pth file or the library's cache).
+    The real images are the run's own validation data, or another data set's split (data_kind, data_path:
+    COCO-30K is data_kind "coco", split "train2014", n 30000). ShapesT2I defaults to the Shapes feature
+    extractor (`weights` = its train-features folder), everything else to torch-fidelity's TF-compatible
+    InceptionV3 (`weights` = its .pth file or the library's cache).
     """
     from eval.fid import (batches_from_dataset, compute_reference_stats, default_cache_dir, fid_from_images,
                           load_extractor, reference_protocol)
@@ -103,15 +134,11 @@ def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, se
 
     run, device = _open(run_dir, device)
     settings = settings or SamplingSettings()
-    data = run.config.data
-    split = split or data.val_split
-    extractor = extractor or ("shapes" if data.kind == "shapes" else "inception")
+    kind, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
+    extractor = extractor or ("shapes" if kind == "shapes" else "inception")
     ext = load_extractor(extractor, weights, device=device)
     resolution = run.tokenizer.image_size
-    dataset = _split_sample(run, split, n, seed, None if data.kind == "shapes" else resolution)
-    if len(dataset) < n:
-        raise FluidbenchError(f"--n {n}: split {split!r} of {data.path} has only {len(dataset)} images")
-    protocol = reference_protocol(data.kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER)
+    protocol = reference_protocol(kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER)
     reference = compute_reference_stats(protocol, batches_from_dataset(dataset), ext,
                                         cache_dir or default_cache_dir(), progress="reference" if progress else None)
     captions = [dataset[i][1] for i in range(n)]
@@ -147,24 +174,24 @@ def _cached_samples(folder: Path, run: Any, captions: list[str], settings: Sampl
 
 
 def eval_clipscore(run_dir: str | Path, *, n: int = 1000, split: str | None = None, seed: int = 0,
+                   data_kind: str | None = None, data_path: str | None = None,
                    model: str | None = None, weights: str | None = None, settings: SamplingSettings | None = None,
                    device: str | None = None, progress: bool = True) -> dict:
-    """CLIP score of N samples against their captions (the same captions and samples as FID with equal N)."""
+    """CLIP score of N samples against their captions (the same captions and samples as FID with equal N and
+    the same reference data)."""
     from eval.clipscore import DEFAULT_MODEL, clip_score, load_clip
 
     run, device = _open(run_dir, device)
     scorer = load_clip(model or DEFAULT_MODEL, weights, device=device)
     settings = settings or SamplingSettings()
-    data = run.config.data
-    dataset = _split_sample(run, split or data.val_split, n, seed,
-                            None if data.kind == "shapes" else run.tokenizer.image_size)
-    captions = [dataset[i][1] for i in range(min(n, len(dataset)))]
+    kind, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
+    captions = [dataset[i][1] for i in range(n)]
     stats = SamplingStats()
     samples = _cached_samples(Path(run_dir) / "eval" / "fid", run, captions, settings, stats, progress)
     pairs = ((torch.from_numpy(samples[i:i + 32]).permute(0, 3, 1, 2), captions[i:i + 32])
              for i in range(0, len(captions), 32))
     result = clip_score(pairs, scorer, progress="clip score" if progress else None, total=len(captions))
-    result |= {"protocol": {"dataset": data.kind, "split": split or data.val_split, "n": len(captions),
-                            "seed": seed}, **_record(run, settings, stats)}
+    result |= {"protocol": {"dataset": kind, "split": split, "n": len(captions), "seed": seed},
+               **_record(run, settings, stats)}
     write_json(Path(run_dir) / "eval" / "clipscore.json", result)
     return result

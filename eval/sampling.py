@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,21 +59,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def generate(run: Any, captions: Sequence[str], settings: SamplingSettings, stats: SamplingStats | None = None,
-             progress: bool = True, desc: str = "sampling") -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (caption index, uint8 (H, W, 3) image) for each caption, in order, batch by batch.
+             progress: bool = True, desc: str = "sampling", skip: Collection[int] = ()) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (caption index, uint8 (H, W, 3) image) for each caption not in `skip`, in order, batch by batch.
 
     `run` is a harness.runs.LoadedRun (variant with EMA weights, tokenizer, text encoder). Batch b draws its
     randomness from a generator seeded with (seed, b), so a sample does not depend on what was generated before.
+    Batches keep their places when captions are skipped (a batch with any caption left runs whole), so a
+    resumed evaluation makes exactly the images the uninterrupted one would have.
     """
+    skip = set(skip)
     variant, tokenizer, text_encoder = run.variant, run.tokenizer, run.text_encoder
     variant.eval()
     device = next(variant.parameters()).device
     resolved = settings.resolved(variant)
     cost = variant.sampling_cost(steps=resolved["steps"], cfg_scale=resolved["cfg_scale"],
                                  head_steps=resolved["head_steps"])
-    bar = tqdm(total=len(captions), desc=desc, unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(captions) - len(skip), desc=desc, unit="img", disable=not progress, leave=False)
     for b, start in enumerate(range(0, len(captions), settings.batch_size)):
         batch = list(captions[start:start + settings.batch_size])
+        wanted = [i for i in range(len(batch)) if start + i not in skip]
+        if not wanted:
+            continue
         t0 = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + b)
         text, text_mask = text_encoder.encode(batch)
@@ -85,9 +91,9 @@ def generate(run: Any, captions: Sequence[str], settings: SamplingSettings, stat
             stats.images += len(batch)
             stats.seconds += time.perf_counter() - t0
             stats.cost = {k: v for k, v in cost.items() if isinstance(v, (int, float))}
-        bar.update(len(batch))
-        for i, image in enumerate(images):
-            yield start + i, image
+        bar.update(len(wanted))
+        for i in wanted:
+            yield start + i, images[i]
     bar.close()
 
 

@@ -46,11 +46,17 @@ def geneval(run: Path = RUN,
                f"s/img) -> {run / 'eval' / 'geneval.json'}")
 
 
+DATA_KIND = typer.Option(None, "--data-kind", help="Real images and captions from another data set than the "
+                         "run's (coco | shapes | wds), with --data-path and --split (COCO-30K: coco, train2014).")
+DATA_PATH = typer.Option(None, "--data-path", help="That data set's folder (or shard pattern).")
+
+
 def fid(run: Path = RUN,
         n: int = typer.Option(1000, "--n", min=2, help="Samples and real images (COCO-30K: 30000)."),
         split: Optional[str] = typer.Option(None, "--split", help="Captions and real images from this split "
                                             "(default: the run's validation split)."),
         data_seed: int = typer.Option(0, "--data-seed", help="Which N images / captions (seeded sample)."),
+        data_kind: Optional[str] = DATA_KIND, data_path: Optional[str] = DATA_PATH,
         extractor: Optional[str] = typer.Option(None, "--extractor", help="inception | shapes (default: shapes "
                                                 "for ShapesT2I, else inception)."),
         weights: Optional[str] = typer.Option(None, "--weights", "--inception-weights", "--features",
@@ -62,7 +68,8 @@ def fid(run: Path = RUN,
     """FID of a run's samples against the same captions' real images; writes RUN/eval/fid.json."""
     from eval.run_eval import eval_fid
 
-    r = eval_fid(run, n=n, split=split, seed=data_seed, extractor=extractor, weights=weights, cache_dir=cache,
+    r = eval_fid(run, n=n, split=split, seed=data_seed, data_kind=data_kind, data_path=data_path,
+                 extractor=extractor, weights=weights, cache_dir=cache,
                  settings=_settings(cfg, temperature, steps, head_steps, batch_size, seed), device=device)
     typer.echo(f"fid={r['fid']:.3f} (n={r['n_images']}, {r['protocol']['extractor']}) -> {run / 'eval' / 'fid.json'}")
 
@@ -71,6 +78,7 @@ def clipscore(run: Path = RUN,
               n: int = typer.Option(1000, "--n", min=1, help="Samples (captions of the validation split)."),
               split: Optional[str] = typer.Option(None, "--split"),
               data_seed: int = typer.Option(0, "--data-seed"),
+              data_kind: Optional[str] = DATA_KIND, data_path: Optional[str] = DATA_PATH,
               model: Optional[str] = typer.Option(None, "--clip-model", help="open_clip architecture."),
               weights: Optional[str] = typer.Option(None, "--clip-weights", help="Local open_clip checkpoint."),
               cfg: Optional[float] = CFG, temperature: Optional[float] = TEMPERATURE, steps: Optional[int] = STEPS,
@@ -79,7 +87,8 @@ def clipscore(run: Path = RUN,
     """CLIP score of a run's samples against their captions; writes RUN/eval/clipscore.json."""
     from eval.run_eval import eval_clipscore
 
-    r = eval_clipscore(run, n=n, split=split, seed=data_seed, model=model, weights=weights,
+    r = eval_clipscore(run, n=n, split=split, seed=data_seed, data_kind=data_kind, data_path=data_path,
+                       model=model, weights=weights,
                        settings=_settings(cfg, temperature, steps, head_steps, batch_size, seed), device=device)
     typer.echo(f"clip_score={r['clip_score']:.3f} (n={r['n_images']}) -> {run / 'eval' / 'clipscore.json'}")
 

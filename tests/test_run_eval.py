@@ -1,0 +1,104 @@
+"""Run evaluation bookkeeping: samples do not depend on what was generated before them, a GenEval resumed part
+way through makes the images the uninterrupted one made, and samples of another checkpoint are never reused.
+
+A small stand-in run (its variant draws pixels from the generator it is given) keeps these fast; the real
+variants go through the same code in the micro sweep (tests/test_sweep.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from eval import run_eval
+from eval.sampling import SamplingSettings, generate
+from harness.errors import FluidbenchError
+
+
+class _Variant(nn.Module):
+    defaults = {"cfg_scale": 1.0, "temperature": 1.0, "steps": 1, "head_steps": None}
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def sampling_cost(self, **_):
+        return {"forward_passes": 1, "forward_passes_per_image": 1}
+
+    def sample(self, text, text_mask, *, generator, **_):
+        # pixels in [-1, 1] of a 16x16 image; the caption's embedding shifts them so captions differ
+        noise = torch.rand(text.shape[0], 3, 16, 16, generator=generator) * 2 - 1
+        return (noise + text[:, :1, :1, None]).clamp(-1, 1)
+
+
+def _run(step: int = 1) -> SimpleNamespace:
+    encode = lambda captions: (torch.tensor([[[len(c) / 100.0]] for c in captions]),  # noqa: E731
+                               torch.ones(len(captions), 1, dtype=torch.bool))
+    return SimpleNamespace(variant=_Variant(), tokenizer=SimpleNamespace(decode=lambda x: x, image_size=16),
+                           text_encoder=SimpleNamespace(encode=encode), step=step, checkpoint="ckpt",
+                           config=SimpleNamespace(model=SimpleNamespace(variant="stand-in"),
+                                                  data=SimpleNamespace(kind="shapes", path="")))
+
+
+def test_skipped_captions_leave_the_others_unchanged():
+    captions = [f"a photo of {i} circles" for i in range(10)]
+    settings = SamplingSettings(batch_size=4, seed=3)
+    full = dict(generate(_run(), captions, settings, progress=False))
+    part = dict(generate(_run(), captions, settings, progress=False, skip={0, 1, 2, 3, 5, 9}))
+    assert sorted(part) == [4, 6, 7, 8]
+    for i, image in part.items():
+        assert (image == full[i]).all()
+    # without the batch layout kept, image 4 would be drawn as the first of a new batch: it is not
+    other = dict(generate(_run(), captions[4:5], settings, progress=False))
+    assert not (other[0] == full[4]).all()
+
+
+@pytest.fixture
+def prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": f"a photo of a circle {i}"}
+            for i in range(7)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("*/samples/*.png"))}
+
+
+def test_geneval_resumes_with_the_same_images_and_redoes_another_checkpoint(tmp_path, prompts, monkeypatch):
+    run_dir = tmp_path / "run"
+    current = {"run": _run(step=1)}
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (current["run"], "cpu"))
+    settings = SamplingSettings(batch_size=4, seed=0)
+    first = run_eval.eval_geneval(run_dir, prompts=prompts, per_prompt=2, detector="shapes-oracle",
+                                  settings=settings, progress=False)
+    folder = run_dir / "eval" / "geneval"
+    images = _pngs(folder)
+    assert len(images) == 14 and first["sampling_stats"]["images"] == 14
+
+    # killed part way: prompts 1, 5 and 6 never written (batches of 4 images = 2 prompts: 0-1, 2-3, 4-5, 6)
+    for index in (1, 5, 6):
+        for f in sorted((folder / f"{index:05d}").rglob("*"), reverse=True):
+            f.rmdir() if f.is_dir() else f.unlink()
+    again = run_eval.eval_geneval(run_dir, prompts=prompts, per_prompt=2, detector="shapes-oracle",
+                                  settings=settings, progress=False)
+    assert _pngs(folder) == images
+    assert again["overall"] == first["overall"]
+    assert again["sampling_stats"]["images"] == 4 + 4 + 2  # only the batches with a prompt missing ran
+
+    # a later checkpoint: every sample made again, none mixed in from step 1
+    current["run"] = _run(step=2)
+    later = run_eval.eval_geneval(run_dir, prompts=prompts, per_prompt=2, detector="shapes-oracle",
+                                  settings=settings, progress=False)
+    assert later["sampling_stats"]["images"] == 14 and later["step"] == 2
+    assert json.loads((folder / "samples.json").read_text())["key"]["step"] == 2
+
+
+def test_reference_data_of_another_data_set_needs_its_path_and_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    with pytest.raises(FluidbenchError, match="data_kind, data_path and split go together"):
+        run_eval.eval_fid(tmp_path / "run", n=4, data_kind="coco", split="train2014", progress=False)
