@@ -84,6 +84,6 @@ def evaluate_run(run_dir: str | os.PathLike, *, size: int | None = None, batch_s
                            device=device, autocast_dtype=dtype)
     result = dict(val_loss=loss, step=run.step, checkpoint=str(run.checkpoint), weights="ema",
                   protocol=dict(split=run.config.data.val_split, size=min(size, len(data)) if size else len(data),
-                                batch_size=batch_size, seed=cfg.val_seed, data=run.config.data.path))
+                                batch_size=batch_size, seed=cfg.val_seed, data=run.config.data.source("val")[1]))
     write_json(Path(run_dir) / "eval" / "loss.json", result)
     return result

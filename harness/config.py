@@ -27,7 +27,16 @@ class DataConfig:
     path: str = ""
     train_split: str = "train"
     val_split: str = "val"
+    val_kind: str = ""              # validation from another data set ("" = kind / path): Fluid validates on a
+    val_path: str = ""              # 30K sample of COCO-2014 train (val_kind coco, val_split train2014)
+    val_n: int = 0                  # a sample of this many validation images (coco: seeded; 0 = the whole split)
     cache_dir: str = ""             # "" = the cache's default location
+
+    def source(self, split: str) -> tuple[str, str, str, int | None]:
+        """(kind, path, split name, n or None) of "train" or "val"; another name is a split of the training data."""
+        if split == "val":
+            return self.val_kind or self.kind, self.val_path or self.path, self.val_split, self.val_n or None
+        return self.kind, self.path, self.train_split if split == "train" else split, None
 
 
 @dataclass

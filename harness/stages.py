@@ -116,6 +116,7 @@ def run_config_values(spec: Spec, variant: str, size: str) -> dict:
                    "tokenizer.path": str(spec.tokenizer_dir(token_kind(variant))),
                    "model.variant": variant, "model.size": size, "model.ladder": spec.ladder})
     values.update({f"text.{k}": v for k, v in spec.text.items()})
+    values.update({f"data.{k}": v for k, v in spec.data.items() if k not in ("kind", "path", "shapes")})
     return values
 
 
@@ -313,7 +314,7 @@ def _evaluate(spec: Spec, metric: str, run: str, settings: dict, sampling: dict)
 
 
 def eval_setting_problems(metric: str, settings: dict) -> list[str]:
-    """Spec keys under eval.<metric> that eval.run_eval.eval_<metric> does not take (the dry run warns)."""
+    """Spec keys under eval.<metric> that eval.run_eval.eval_<metric> does not take (loading the spec fails)."""
     import inspect
 
     from eval import run_eval

@@ -188,6 +188,12 @@ def check_spec(spec: Spec, where: str) -> None:
     for size in spec.per_size:
         if size not in rungs:
             raise FluidbenchError(f"sweep spec {where}: per_size.{size}: not in the {spec.ladder} ladder ({', '.join(rungs)})")
+    from harness.stages import EVAL_METRICS, eval_setting_problems
+
+    for metric in EVAL_METRICS:  # a misspelt evaluation key fails now, not after the training it waits for
+        problems = eval_setting_problems(metric, spec.eval.get(metric) or {})
+        if problems:
+            raise FluidbenchError(f"{problems[0]} ({where})")
 
 
 def token_kind(variant: str) -> str:
@@ -329,9 +335,4 @@ def describe(spec: Spec, jobs: list[Job], executor: str) -> str:
             deps = job.deps if len(job.deps) <= 6 else job.deps[:3] + [f"... {len(job.deps) - 3} more"]
             lines.append(f"    after:     {', '.join(deps)} ({kind})")
         lines.append(f"    command:   {job.command}")
-    from harness.stages import EVAL_METRICS, eval_setting_problems
-
-    for metric in EVAL_METRICS:
-        for problem in eval_setting_problems(metric, spec.eval.get(metric) or {}):
-            lines.append(f"warning: {problem}")
     return "\n".join(lines)

@@ -126,6 +126,28 @@ def test_open_from_run_config(tmp_path, shapes, minilm):
     assert split.folder.parent == tmp_path / "c" and split.folder.name.startswith("val-kl-")
 
 
+def test_validation_from_another_data_set(tmp_path, shapes, minilm):
+    """data.val_kind / val_path / val_n: validate on a sample of another data set (Fluid: COCO-2014 train)."""
+    from harness.config import RunConfig
+
+    other = tmp_path / "other"
+    write_shapes(other, seed=1, n_train=12, n_val=2, progress=False)
+    tok = build_tokenizer(TokenizerTrainConfig(kind="kl", **TINY))
+    cfg = RunConfig.from_overrides({"data.path": str(shapes), "data.cache_dir": str(tmp_path / "c"),
+                                    "data.val_path": str(other), "data.val_split": "train", "data.val_n": 7})
+    split = CachedSplit.open(cfg, "val", tok, minilm, progress=False)
+    expected = CachedSplit.ensure(tmp_path / "d", {"any": 1}, "train", ShapesDataset(other, "train", n=7), tok,
+                                  minilm, progress=False)
+    assert len(split) == 7
+    for name in ("mean", "text", "text_mask"):
+        assert np.array_equal(split.arrays[name], expected.arrays[name])
+    assert len(CachedSplit.open(cfg, "train", tok, minilm, progress=False)) == 40  # training data unchanged
+    # the whole split is another cache, never the 7-image one
+    cfg.data.val_n = 0
+    full = CachedSplit.open(cfg, "val", tok, minilm, progress=False)
+    assert len(full) == 12 and full.folder != split.folder
+
+
 def test_iterable_data_set_is_counted_then_cached(tmp_path, shapes, minilm):
     """Tar shards have no length: the cache counts them, then encodes them in order."""
     data = ShapesDataset(shapes, "val")

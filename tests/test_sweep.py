@@ -76,6 +76,25 @@ def test_unknown_spec_and_bad_keys_are_one_line_errors(tmp_path):
     bad.write_text("name: x\nvariants: [vq-raster]\nfrobnicate: 1\n")
     with pytest.raises(FluidbenchError, match="unknown key 'frobnicate'"):
         load_spec(bad)
+    # an evaluation setting that eval_<metric> does not take fails at load, not after the training
+    bad.write_text((ROOT / "harness/specs/embedded.yaml").read_text().replace("fid: {n: 500", "fid: {nn: 500"))
+    with pytest.raises(FluidbenchError, match=r"eval.fid.nn: not a setting of eval_fid"):
+        load_spec(bad)
+
+
+def test_fluid_paper_reference_and_validation_data_are_coco_2014_train(tmp_path):
+    """FID, CLIP score and validation loss read COCO-2014 train (30K), not the training shards."""
+    from harness.config import RunConfig
+    from harness.stages import eval_settings
+
+    spec = load_spec("fluid-paper", out=tmp_path / "paper")
+    for metric in ("fid", "clipscore"):
+        settings = eval_settings(spec, metric, own_features=False)
+        assert (settings["data_kind"], settings["split"], settings["n"]) == ("coco", "train2014", 30000)
+    job = next(j for j in plan(spec) if j.name == "train/kl-random-166M")
+    cfg = RunConfig.from_overrides(job.args["values"])
+    assert cfg.data.source("val") == ("coco", "/datasets/coco", "train2014", 30000)
+    assert cfg.data.source("train") == ("webdataset", "/datasets/t2i-webdataset", "train", None)
 
 
 def test_stamp_with_other_settings_is_an_error_not_a_silent_skip(tmp_path):
@@ -183,11 +202,23 @@ def test_micro_sweep_end_to_end_then_resume_then_no_work(tmp_path, monkeypatch):
     # A sweep killed after an evaluation finished but before it was recorded: only that job and the report rerun
     lost = next(j for j in jobs if j.name == "eval/fid/kl-raster-cpu-s")
     Path(lost.outputs[0]).unlink()
+    # ... and a GenEval killed part way through a batch: the prompts left are made as the whole run made them
+    geneval = next(j for j in jobs if j.name == "eval/geneval/vq-random-cpu-xs")
+    Path(geneval.outputs[0]).unlink()
+    folder = Path(geneval.outputs[0]).parent / "geneval"
+    pngs = {p: p.read_bytes() for p in sorted(folder.glob("*/samples/*.png"))}
+    gone = [folder / f"{i:05d}" for i in (2, 5, 9)]
+    for prompt in gone:
+        for f in sorted(prompt.rglob("*"), reverse=True):
+            f.rmdir() if f.is_dir() else f.unlink()
+        prompt.rmdir()
     mtimes = {p: p.stat().st_mtime_ns for p in root.glob("runs/*/summary.json")}
     n = len(_events(spec))
-    status = run_local(spec)  # the spec's 2 workers: the lost job runs in a worker process
+    status = run_local(spec)  # the spec's 2 workers: the lost jobs run in worker processes
     redone = sorted(name for event, name in _events(spec, n) if event == "done")
-    assert redone == ["eval/fid/kl-raster-cpu-s", "report"]
+    assert redone == ["eval/fid/kl-raster-cpu-s", "eval/geneval/vq-random-cpu-xs", "report"]
+    assert all((prompt / "samples" / "0.png").is_file() for prompt in gone)
+    assert {p: p.read_bytes() for p in sorted(folder.glob("*/samples/*.png"))} == pngs
     assert {p: p.stat().st_mtime_ns for p in root.glob("runs/*/summary.json")} == mtimes
     pd.testing.assert_frame_equal(pd.read_csv(root / "runs.csv"), table)
 

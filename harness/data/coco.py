@@ -53,7 +53,7 @@ class CocoCaptions(torch.utils.data.Dataset):
                  seed: int = 0, resize_filter: str = "bicubic"):
         if resize_filter not in FILTERS:
             raise FluidbenchError(f"resize filter '{resize_filter}': expected one of {', '.join(FILTERS)}")
-        root = Path(root)
+        root, split = Path(root), split.removesuffix("2014")  # "train2014" (Fluid's FID, its val loss) = "train"
         self.annotations = _annotation_file(root, split)
         self.image_dir = root / f"{split}2014"
         if not self.image_dir.is_dir():
