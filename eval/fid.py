@@ -29,7 +29,7 @@ from harness.errors import FluidbenchError
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 INCEPTION_NAME = "inception-v3-compat"
-STATS_VERSION = 1  # bump when the statistics format or the cache key changes
+STATS_VERSION = 2  # bump when the statistics format or the cache key changes
 
 
 class FeatureExtractor(Protocol):
@@ -235,10 +235,12 @@ class ReferenceProtocol:
     crop: str               # "center" for COCO, "none" for ShapesT2I
     resize_filter: str      # e.g. "bicubic", "none"
     resolution: int         # the generation resolution; generated images must match it
+    source: str = ""        # which copy of the data: a content hash for ShapesT2I and shards ("" for COCO 2014,
+                            # which is the same everywhere, so its statistics are shared across machines)
 
 
 def reference_protocol(kind: str, split: str, n: int | None, seed: int, resolution: int,
-                       resize_filter: str = "bicubic") -> ReferenceProtocol:
+                       resize_filter: str = "bicubic", path: str | Path | None = None) -> ReferenceProtocol:
     """The protocol with canonical names, so the CLI and run evaluation share one cache entry per protocol.
 
     COCO splits are named as the annotation files ("train2014", Fluid's; "val2014", Imagen's and Muse's);
@@ -246,11 +248,20 @@ def reference_protocol(kind: str, split: str, n: int | None, seed: int, resoluti
     centre-cropped and resized with `resize_filter` (harness.data.RESIZE_FILTER unless a setting says otherwise).
     """
     kind = "wds" if kind == "webdataset" else kind
+    source = _source(path) if path is not None and kind != "coco" else ""
     if kind == "shapes":
-        return ReferenceProtocol(kind, split, n, seed, "none", "none", resolution)
+        return ReferenceProtocol(kind, split, n, seed, "none", "none", resolution, source)
     if kind == "coco":
         split = split.removesuffix("2014") + "2014"
-    return ReferenceProtocol(kind, split, n, seed, "center", resize_filter, resolution)
+    return ReferenceProtocol(kind, split, n, seed, "center", resize_filter, resolution, source)
+
+
+def _source(path: str | Path) -> str:
+    """A short content identity of a data set (two ShapesT2I folders of other seeds never share statistics)."""
+    from harness.cache import data_fingerprint
+
+    fingerprint = {k: v for k, v in data_fingerprint(path).items() if k != "path"} or {"path": str(path)}
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def reference_key(protocol: ReferenceProtocol, extractor: FeatureExtractor) -> dict:

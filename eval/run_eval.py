@@ -97,8 +97,8 @@ def _keyed_folder(folder: Path, key: dict) -> None:
 
 
 def _reference_data(run: Any, data_kind: str | None, data_path: str | None, split: str | None,
-                    n: int, seed: int) -> tuple[str, str, Any]:
-    """(kind, split, data set) of the real images and captions: N of `split` of the run's own data, or of
+                    n: int, seed: int) -> tuple[str, str, str, Any]:
+    """(kind, path, split, data set) of the real images and captions: N of `split` of the run's own data, or of
     another data set (data_kind + data_path: COCO-2014 for the paper's FID and CLIP score)."""
     from harness.data import open_dataset
 
@@ -114,7 +114,7 @@ def _reference_data(run: Any, data_kind: str | None, data_path: str | None, spli
     dataset = open_dataset(kind, path, split, image_size=resolution, n=n, seed=seed)
     if len(dataset) < n:
         raise FluidbenchError(f"n={n}: split {split!r} of {path} has only {len(dataset)} images")
-    return kind, split, dataset
+    return kind, path, split, dataset
 
 
 def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, seed: int = 0,
@@ -134,11 +134,11 @@ def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, se
 
     run, device = _open(run_dir, device)
     settings = settings or SamplingSettings()
-    kind, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
+    kind, path, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
     extractor = extractor or ("shapes" if kind == "shapes" else "inception")
     ext = load_extractor(extractor, weights, device=device)
     resolution = run.tokenizer.image_size
-    protocol = reference_protocol(kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER)
+    protocol = reference_protocol(kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER, path=path)
     reference = compute_reference_stats(protocol, batches_from_dataset(dataset), ext,
                                         cache_dir or default_cache_dir(), progress="reference" if progress else None)
     captions = [dataset[i][1] for i in range(n)]
@@ -184,7 +184,7 @@ def eval_clipscore(run_dir: str | Path, *, n: int = 1000, split: str | None = No
     run, device = _open(run_dir, device)
     scorer = load_clip(model or DEFAULT_MODEL, weights, device=device)
     settings = settings or SamplingSettings()
-    kind, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
+    kind, _, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
     captions = [dataset[i][1] for i in range(n)]
     stats = SamplingStats()
     samples = _cached_samples(Path(run_dir) / "eval" / "fid", run, captions, settings, stats, progress)

@@ -222,6 +222,16 @@ def test_reference_cache_key_and_reuse(shapes, tmp_path):
     assert fid.reference_protocol("coco", "val", 30000, 0, 256) == fid.reference_protocol("coco", "val2014", 30000,
                                                                                          0, 256)
     assert fid.reference_protocol("shapes", "val", 200, 0, 32) == protocol
+    # Another copy of ShapesT2I (other seed) never shares statistics; the same content elsewhere does
+    from harness.data.shapes import write_shapes
+
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        write_shapes(tmp_path / name, seed=seed, n_train=4, n_val=2, progress=False)
+    here = [fid.reference_protocol("shapes", "val", 200, 0, 32, path=tmp_path / name) for name in "abc"]
+    assert here[0] == here[1] and here[0] != here[2] and here[0].source
+    assert fid.reference_path(tmp_path, fid.reference_key(here[2], net)) != \
+        fid.reference_path(tmp_path, fid.reference_key(here[0], net))
+    assert fid.reference_protocol("coco", "train2014", 30000, 0, 256, path=tmp_path / "a").source == ""
     with pytest.raises(FluidbenchError, match="only 300 images"):
         fid.compute_reference_stats(ReferenceProtocol("shapes", "val", 400, 0, "none", "none", 32),
                                     _batches(val), net, tmp_path, progress=None)
