@@ -277,3 +277,36 @@ def test_scale_plan_follows_the_flop_accounting(tmp_path):
     assert big.mem_total_gb < spec.cluster["gpu_mem_gb"]
     text = format_plan(spec, [small, big])
     assert "| kl-random 10.5B | 10.93B |" in text and "GPU-hours" in text
+
+
+def test_exclusive_jobs_wait_for_the_whole_machine_and_hold_the_queue(tmp_path):
+    """local.exclusive: a matching job starts only when every worker is free, with all their threads, and the
+    jobs behind it wait (no starvation by a stream of small jobs)."""
+    from queue import SimpleQueue
+    from types import SimpleNamespace
+
+    from harness.local import _schedule
+    from harness.sweep import Job
+
+    class Book:
+        def waiting(self, job):
+            return False
+
+        def settle(self, job):
+            return False
+
+        def started(self, job):
+            pass
+
+    jobs = {name: Job(name, "noop", {}, []) for name in ("tokenizer/vq", "cache/vq", "train/x")}
+    pool = SimpleNamespace(inboxes=[SimpleQueue(), SimpleQueue()])
+    busy = {0: (jobs["cache/vq"], 0.0, 1)}
+    pending = [jobs["tokenizer/vq"], jobs["train/x"]]
+    _schedule(Book(), pool, busy, pending, 2, 3, ["tokenizer/*"], tmp_path)
+    assert pending == [jobs["tokenizer/vq"], jobs["train/x"]] and list(busy) == [0]  # held, and so is train/x
+
+    busy.clear()
+    _schedule(Book(), pool, busy, pending, 2, 3, ["tokenizer/*"], tmp_path)
+    job, threads, _ = pool.inboxes[0].get_nowait()
+    assert job.name == "tokenizer/vq" and threads == 2 * 3 and busy[0][2] == 2
+    assert pending == [jobs["train/x"]] and pool.inboxes[1].empty()  # the machine is full
