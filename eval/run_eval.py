@@ -64,7 +64,10 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
     done = {index for index, _, samples in iter_prompt_folders(folder) if len(samples) >= per_prompt}
     captions = [meta["prompt"] for meta in metadata for _ in range(per_prompt)]
     skip = [index * per_prompt + j for index in done for j in range(per_prompt)]
-    stats = SamplingStats()
+    # the sampling cost of every image made for this folder, over interrupted evaluations too
+    key_file = json.loads((folder / "samples.json").read_text())
+    made = key_file.get("made", {"images": 0, "seconds": 0.0})
+    stats, counted = SamplingStats(), 0
     images: list[np.ndarray] = []
     for k, image in generate(run, captions, settings, stats, progress=progress, desc="geneval samples",
                              skip=skip):
@@ -73,6 +76,11 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
             index = k // per_prompt
             write_prompt_folder(folder, index, metadata[index], images)
             images = []
+            if stats.images != counted:  # a new batch: record its cost with the images it made
+                counted = stats.images
+                write_json(folder / "samples.json", {**key_file, "made": {
+                    "images": made["images"] + stats.images, "seconds": made["seconds"] + stats.seconds}})
+    stats.images, stats.seconds = made["images"] + stats.images, made["seconds"] + stats.seconds
     det = load_detector(detector, detector_path, device=device)
     colors = load_clip_colors(clip_path, device=device) if not det.colors and needs_colors(metadata) \
         else None

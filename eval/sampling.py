@@ -74,6 +74,8 @@ def generate(run: Any, captions: Sequence[str], settings: SamplingSettings, stat
     resolved = settings.resolved(variant)
     cost = variant.sampling_cost(steps=resolved["steps"], cfg_scale=resolved["cfg_scale"],
                                  head_steps=resolved["head_steps"])
+    if stats is not None:  # per image, known before any batch runs (a resumed pass may have none left)
+        stats.cost = {k: v for k, v in cost.items() if isinstance(v, (int, float))}
     bar = tqdm(total=len(captions) - len(skip), desc=desc, unit="img", disable=not progress, leave=False)
     for b, start in enumerate(range(0, len(captions), settings.batch_size)):
         batch = list(captions[start:start + settings.batch_size])
@@ -90,7 +92,6 @@ def generate(run: Any, captions: Sequence[str], settings: SamplingSettings, stat
         if stats is not None:
             stats.images += len(batch)
             stats.seconds += time.perf_counter() - t0
-            stats.cost = {k: v for k, v in cost.items() if isinstance(v, (int, float))}
         bar.update(len(wanted))
         for i in wanted:
             yield start + i, images[i]

@@ -88,7 +88,13 @@ def test_geneval_resumes_with_the_same_images_and_redoes_another_checkpoint(tmp_
                                   settings=settings, progress=False)
     assert _pngs(folder) == images
     assert again["overall"] == first["overall"]
-    assert again["sampling_stats"]["images"] == 4 + 4 + 2  # only the batches with a prompt missing ran
+    # only the batches with a prompt missing ran (4 + 4 + 2 images); the cost covers every image made here
+    assert again["sampling_stats"]["images"] == 14 + 10
+    assert again["sampling_stats"]["sequential_passes"] == first["sampling_stats"]["sequential_passes"]
+    # nothing left to make: the score again, with the recorded cost
+    third = run_eval.eval_geneval(run_dir, prompts=prompts, per_prompt=2, detector="shapes-oracle",
+                                  settings=settings, progress=False)
+    assert third["sampling_stats"]["images"] == 24 and third["sampling_stats"]["seconds_per_image"] > 0
 
     # a later checkpoint: every sample made again, none mixed in from step 1
     current["run"] = _run(step=2)
