@@ -279,6 +279,19 @@ def test_scale_plan_follows_the_flop_accounting(tmp_path):
     assert "| kl-random 10.5B | 10.93B |" in text and "GPU-hours" in text
 
 
+def test_readme_and_cluster_guide_show_the_computed_scale_plan(tmp_path):
+    """The scale-plan tables in README.md and docs/cluster.md are what `--plan` prints for the shipped spec."""
+    from harness.scale_plan import format_plan, scale_plan
+
+    spec = load_spec("fluid-paper", out=tmp_path / "paper")
+    rows = [line for line in format_plan(spec, scale_plan(spec)).splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 21
+    for doc in ("README.md", "docs/cluster.md"):
+        text = (ROOT / doc).read_text()
+        missing = [row for row in rows if row not in text]
+        assert not missing, f"{doc} is stale (run `fluidbench sweep fluid-paper --plan`): {missing[0]}"
+
+
 def test_exclusive_jobs_wait_for_the_whole_machine_and_hold_the_queue(tmp_path):
     """local.exclusive: a matching job starts only when every worker is free, with all their threads, and the
     jobs behind it wait (no starvation by a stream of small jobs)."""
