@@ -51,16 +51,22 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep_last
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and verify one checkpoint; ValueError (naming the file and the problem) if it is corrupt."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    verify: bool = True) -> dict[str, Any]:
+    """Load and verify one checkpoint; ValueError (naming the file and the problem) if it is corrupt.
+
+    The file is memory-mapped, not read into each process: the ranks of a node share one copy in the page
+    cache (a 10.5B checkpoint with its optimizer state is ~170 GB; eight private copies would not fit).
+    `verify=False` skips the digest (ranks other than the main one, which has verified the same file).
+    """
     path = Path(path)
     digest = _digest_path(path)
-    if digest.is_file():
+    if verify and digest.is_file():
         expected = digest.read_text().strip()
         if _sha256(path) != expected:
             raise ValueError(f"checkpoint {path}: sha256 does not match {digest.name} (corrupted or truncated)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError, pickle errors or EOFError depending on the damage
         raise ValueError(f"checkpoint {path}: cannot be read ({' '.join(str(e).split())[:200]})") from e
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
@@ -70,7 +76,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_latest(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
-                quarantine: bool = True) -> tuple[dict[str, Any], Path] | None:
+                quarantine: bool = True, verify: bool = True) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that verifies, or None if there is none; corrupt ones are reported and skipped.
 
     With `quarantine`, a corrupt file is renamed to `*.corrupt` so that it is neither reused nor counted
@@ -78,7 +84,7 @@ def load_latest(run_dir: str | os.PathLike, map_location: str | torch.device = "
     """
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(path, map_location), path
+            return load_checkpoint(path, map_location, verify), path
         except ValueError as e:
             warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
             if quarantine:

@@ -94,8 +94,8 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     step, wall_before, last_ckpt = 0, 0.0, None
     found = load_latest(run) if info.is_main else None  # the main process sets corrupt files aside first
     D.barrier()
-    if not info.is_main:
-        found = load_latest(run, quarantine=False)
+    if not info.is_main:  # the newest file is now the one the main process verified: no second digest
+        found = load_latest(run, quarantine=False, verify=False)
     if found is not None:
         state, last_ckpt = found
         D.load_model_state_dict(model, state["ema"])

@@ -58,3 +58,15 @@ def test_rng_states_round_trip():
     expected = (torch.rand(3), torch.rand(3, generator=g))
     set_rng_state(state, {"loss": g})
     assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, generator=g), expected[1])
+
+
+def test_other_ranks_skip_the_digest_the_main_rank_checked(tmp_path):
+    """verify=False (ranks other than the main one) reads the file without hashing it again."""
+    path = save_checkpoint(tmp_path, _state(1), keep_last=1)
+    weights = load_checkpoint(path)["model"]
+    digest = path.with_name(path.name + ".sha256")
+    digest.write_text("0" * 64 + "\n")  # a digest that no file matches
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        load_checkpoint(path)
+    unverified = load_checkpoint(path, verify=False)["model"]
+    assert all(torch.equal(unverified[k], weights[k]) for k in weights)
