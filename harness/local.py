@@ -9,15 +9,19 @@ job shows its latest progress.
 
 A failed job blocks the jobs that wait for it; the others go on, so one diverging run does not cost the
 rest, and the report is drawn from whatever finished. Ctrl-C stops the running jobs with SIGTERM (a trainer
-saves a checkpoint) and the next invocation resumes.
+saves a checkpoint) and the next invocation resumes; so does SIGTERM to the sweep. Workers watch the sweep
+process: if it dies without warning (SIGKILL, a lost terminal), they stop their job the same way and exit, so
+no orphan keeps writing into a run that the next invocation is resuming.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import re
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from fnmatch import fnmatch
@@ -136,6 +140,7 @@ def _sequential(book: _Book) -> None:
                 run_job(book.spec, job)
             except KeyboardInterrupt:
                 log_event(book.spec, "interrupted", job.name)
+                _stopped(book.spec, [job])
                 raise
             except Exception as e:  # noqa: BLE001 - recorded and reported; the sweep goes on
                 book.finished(job, time.time() - t0, _error(e))
@@ -148,14 +153,35 @@ def _sequential(book: _Book) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parallel
+def _exit_with_parent(orphaned: threading.Event, grace_s: float = 300.0, poll_s: float = 0.5) -> None:
+    """In a worker: when the sweep process is gone (even SIGKILLed), SIGTERM this process, as the sweep would
+    have (a trainer saves a checkpoint and returns), and set `orphaned`; exit after `grace_s` regardless."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        orphaned.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker(spec: Spec, inbox, outbox, wid: int) -> None:
     """A long-lived worker process: imports torch once (~7 CPU-seconds), then runs the jobs it is sent, each
     with its own thread count and its output in that job's log."""
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
-    while True:
-        item = inbox.get()
+    orphaned = threading.Event()
+    _exit_with_parent(orphaned)
+    while not orphaned.is_set():
+        try:
+            item = inbox.get(timeout=1.0)
+        except queue.Empty:
+            continue
         if item is None:
             return
         job, threads, log_path = item
@@ -198,15 +224,28 @@ class _Pool:
         for wid, proc in enumerate(self.procs):
             if terminate:
                 proc.terminate()  # SIGTERM: a trainer saves a checkpoint and stops
-            else:
-                self.inboxes[wid].put(None)
+            self.inboxes[wid].put(None)  # ... and its worker, free again, exits instead of waiting for work
         for proc in self.procs:
             proc.join(timeout=120)
 
 
-def _parallel(book: _Book, workers: int) -> None:
-    import queue
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
+
+def _parallel(book: _Book, workers: int) -> None:
+    spec = book.spec
+    # SIGTERM (kill, a job scheduler, `timeout`) stops the workers cleanly, as Ctrl-C does
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    try:
+        _run_pool(book, workers)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_pool(book: _Book, workers: int) -> None:
     spec = book.spec
     threads = int(spec.local.get("threads", 1))
     exclusive = list(spec.local.get("exclusive", []))
@@ -242,8 +281,15 @@ def _parallel(book: _Book, workers: int) -> None:
         for job, _, _ in busy.values():
             log_event(spec, "interrupted", job.name)
         pool.stop(terminate=True)
+        _stopped(spec, [job for job, _, _ in busy.values()])
         raise
     pool.stop(terminate=False)
+
+
+def _stopped(spec: Spec, jobs: list[Job]) -> None:
+    names = ", ".join(job.name for job in jobs) or "none"
+    _say(f"[sweep {spec.name}] stopped; interrupted: {names} (a training run saved a checkpoint). "
+         "Run the same command again to resume.")
 
 
 def _latest_line(log_path: Path) -> str:

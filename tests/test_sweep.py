@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,43 @@ def test_exclusive_jobs_wait_for_the_whole_machine_and_hold_the_queue(tmp_path):
     job, threads, _ = pool.inboxes[0].get_nowait()
     assert job.name == "tokenizer/vq" and threads == 2 * 3 and busy[0][2] == 2
     assert pending == [jobs["train/x"]] and pool.inboxes[1].empty()  # the machine is full
+
+
+ORPHAN = """
+import os, signal, sys, time, threading
+from pathlib import Path
+
+def child(folder):
+    from harness.local import _exit_with_parent
+    def stopped(signum, frame):  # as a trainer: save, then return
+        Path(folder, "stopped").write_text(str(os.getpid()))
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stopped)
+    _exit_with_parent(threading.Event(), grace_s=30, poll_s=0.1)
+    Path(folder, "ready").write_text(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    import multiprocessing
+    folder = sys.argv[1]
+    proc = multiprocessing.get_context("spawn").Process(target=child, args=(folder,), daemon=True)
+    proc.start()
+    while not Path(folder, "ready").exists():
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)  # the sweep dies without cleaning up
+"""
+
+
+def test_a_worker_stops_its_job_when_the_sweep_is_killed(tmp_path):
+    """SIGKILL the sweep process: its worker gets the SIGTERM a clean stop would send, instead of running on
+    as an orphan beside the next invocation."""
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == -signal.SIGKILL
+    child = int((tmp_path / "ready").read_text())
+    deadline = time.time() + 20
+    while not (tmp_path / "stopped").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "stopped").read_text() == str(child)
