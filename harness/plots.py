@@ -70,8 +70,9 @@ def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path
 
 
 def metric_vs(table: pd.DataFrame, x: str, y: str, path: Path, *, logy: bool = False, ylabel: str = "",
-              ceilings: dict[str, float] | None = None) -> str | None:
-    """All variants on one axes: `y` against `x` (log x), optional horizontal ceilings per token kind."""
+              ceilings: dict[str, float] | None = None, se: str | None = None) -> str | None:
+    """All variants on one axes: `y` against `x` (log x), optional horizontal ceilings per token kind and
+    error bars of +-2 standard errors from column `se` where it has values."""
     data = table.dropna(subset=[x, y])
     if data.empty:
         return None
@@ -81,6 +82,9 @@ def metric_vs(table: pd.DataFrame, x: str, y: str, path: Path, *, logy: bool = F
         rows = rows.sort_values(x)
         style = _style(variant, rows)
         ax.plot(rows[x], rows[y], **style)
+        if se and se in rows and rows[se].notna().all():
+            ax.errorbar(rows[x], rows[y], yerr=2 * rows[se], fmt="none", ecolor=style.get("color"), alpha=0.5,
+                        capsize=3, lw=1)
     for kind, value in sorted((ceilings or {}).items()):
         ax.axhline(value, ls="--", lw=1, color=COLORS.get(f"{kind}-random", "grey"),
                    label=f"{kind} tokenizer ceiling")
@@ -105,6 +109,7 @@ def draw_all(table: pd.DataFrame, fits: dict[str, PowerLawFit], ceilings: dict[s
                                    ylabel="validation loss (each variant its own)"),
         "fid_vs_params": metric_vs(table, "params", "fid", out_dir / "fid_vs_params.png", ylabel="FID"),
         "geneval_vs_params": metric_vs(table, "params", "geneval_overall", out_dir / "geneval_vs_params.png",
-                                       ylabel="GenEval overall", ceilings=geneval_ceilings),
+                                       ylabel="GenEval overall (+-2 standard errors)", ceilings=geneval_ceilings,
+                                       se="geneval_overall_se"),
     }
     return {k: v for k, v in figures.items() if v}

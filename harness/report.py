@@ -21,8 +21,10 @@ from harness.errors import FluidbenchError
 from harness.scaling import PowerLawFit, fit_power_law, pearson_r
 
 GENEVAL_COLUMNS = ["geneval_overall"] + [f"geneval_{task}" for task in TASKS]
+GENEVAL_SE = "geneval_overall_se"  # its standard error over the images scored (the findings' noise level)
 COLUMNS = ["run", "variant", "size", "token_kind", "order", "params", "train_flops", "steps", "tokens_seen",
-           "val_loss", "fid", *GENEVAL_COLUMNS, "clip_score", "seconds_per_image", "forward_passes_per_image"]
+           "val_loss", "fid", *GENEVAL_COLUMNS, GENEVAL_SE, "clip_score", "seconds_per_image",
+           "forward_passes_per_image"]
 # The paper's numbers the findings are compared against (REFERENCE.md, "The study").
 PAPER_R_LOSS_FID, PAPER_R_LOSS_GENEVAL = 0.917, -0.931
 
@@ -40,6 +42,15 @@ def _study_axes(variant: str) -> tuple[str, str]:
 
     order_cls, head_cls = VARIANTS[variant]
     return head_cls.token_kind, order_cls.kind
+
+
+def geneval_standard_error(counts: dict[str, list[int]]) -> float | None:
+    """Standard error of GenEval's overall score (the mean of the task accuracies) from {task: [correct,
+    images]}: each accuracy a binomial proportion, the tasks independent. None without counts."""
+    tasks = [(c, n) for c, n in counts.values() if n > 0]
+    if not tasks:
+        return None
+    return math.sqrt(sum((c / n) * (1 - c / n) / n for c, n in tasks)) / len(tasks)
 
 
 def collect_run(run: Path) -> dict[str, Any]:
@@ -62,6 +73,7 @@ def collect_run(run: Path) -> dict[str, Any]:
     row["geneval_overall"] = geneval.get("overall")
     for task in TASKS:
         row[f"geneval_{task}"] = geneval.get(task)
+    row[GENEVAL_SE] = geneval_standard_error(geneval.get("counts") or {})
     clip = _read_json(run / "eval" / "clipscore.json")
     row["clip_score"] = clip.get("clip_score", clip.get("score"))
     # Sampling throughput from the largest sampling pass (FID's), falling back to GenEval's.
@@ -153,6 +165,14 @@ def _verdict(wins: int, total: int) -> str:
     return "partly" if wins > total / 2 else "does not hold"
 
 
+def _noisy_verdict(wins: int, within: int, total: int) -> str:
+    """The verdict of the point estimates, and how many differences lie within two standard errors."""
+    if total and within == total:
+        return "not resolved (every difference within 2 standard errors)"
+    verdict = _verdict(wins, total)
+    return f"{verdict} ({within} of {total} differences within 2 standard errors)" if within else verdict
+
+
 def findings(table: pd.DataFrame, fits: dict[str, PowerLawFit]) -> list[tuple[str, str, str]]:
     """(finding, verdict, evidence) for each of the paper's findings, judged on the measured runs."""
     out = []
@@ -171,10 +191,15 @@ def findings(table: pd.DataFrame, fits: dict[str, PowerLawFit]) -> list[tuple[st
                 _verdict(wins, len(pairs)), evidence or "FID not measured"))
 
     pairs = _paired(table, "geneval_overall", "order", "random", "raster")
+    noise = _paired(table, GENEVAL_SE, "order", "random", "raster") if GENEVAL_SE in table else []
+    margins = {(size, kind): 2 * math.hypot(a, b) for size, kind, a, b in noise}  # 2 SE of the difference
     wins = sum(rnd > ras for _, _, rnd, ras in pairs)
-    evidence = "; ".join(f"{kind} {size}: random {rnd:.3f} vs raster {ras:.3f}" for size, kind, rnd, ras in pairs)
+    within = sum(abs(rnd - ras) <= margins[(size, kind)] for size, kind, rnd, ras in pairs if (size, kind) in margins)
+    evidence = "; ".join(f"{kind} {size}: random {rnd:.3f} vs raster {ras:.3f}"
+                         + (f" (difference {rnd - ras:+.3f} +- {margins[(size, kind)]:.3f})"
+                            if (size, kind) in margins else "") for size, kind, rnd, ras in pairs)
     out.append(("Random order gives better GenEval than raster order at the same size and token kind",
-                _verdict(wins, len(pairs)), evidence or "GenEval not measured"))
+                _noisy_verdict(wins, within, len(pairs)), evidence or "GenEval not measured"))
 
     out.append(_fluid_best(table))
     out.append(_correlations(table))

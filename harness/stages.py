@@ -181,13 +181,13 @@ def _eval_command(metric: str, run: Path, settings: dict, sampling: dict) -> str
 def table_columns(spec: Spec) -> list[str]:
     """The results table's columns: every column the report knows, minus metrics this sweep does not measure
     (so the embedded runs.csv has no empty CLIP-score column)."""
-    from harness.report import COLUMNS, GENEVAL_COLUMNS
+    from harness.report import COLUMNS, GENEVAL_COLUMNS, GENEVAL_SE
 
     dropped = set()
     if not spec.eval.get("fid"):
         dropped.add("fid")
     if not spec.eval.get("geneval"):
-        dropped.update(GENEVAL_COLUMNS)
+        dropped.update([*GENEVAL_COLUMNS, GENEVAL_SE])
     if not spec.eval.get("clipscore"):
         dropped.add("clip_score")
     if not (spec.eval.get("fid") or spec.eval.get("geneval")):

@@ -92,6 +92,23 @@ def test_findings_follow_the_numbers():
     assert flipped[1][1] == "does not hold"
 
 
+def test_geneval_standard_error_and_verdicts_within_noise():
+    from harness.report import GENEVAL_SE, geneval_standard_error
+
+    # overall = mean of the task accuracies; each a binomial proportion: sqrt(0.25/64 + 0/64) / 2
+    assert geneval_standard_error({"counting": [32, 64], "colors": [64, 64]}) == pytest.approx(0.5 / 8 / 2)
+    assert geneval_standard_error({}) is None
+    table = fixture_table()  # random order +0.15 GenEval over raster everywhere
+    fits = fit_losses(table, n_boot=50)
+    table[GENEVAL_SE] = 0.01
+    finding = findings(table, fits)[2]
+    assert finding[1] == "holds" and "difference +0.150 +- 0.028" in finding[2]
+    table[GENEVAL_SE] = 0.06  # 2 SE of a difference = 0.17 > 0.15: nothing is resolved
+    assert findings(table, fits)[2][1] == "not resolved (every difference within 2 standard errors)"
+    table.loc[table["size"] == "L", GENEVAL_SE] = 0.01
+    assert findings(table, fits)[2][1].startswith("holds (")  # the largest size resolved, the rest not
+
+
 def test_report_errors_name_the_file(tmp_path):
     from harness.errors import FluidbenchError
 

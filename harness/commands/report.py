@@ -21,8 +21,9 @@ def report(
     if (sweep_dir / "runs").is_dir():
         table = collect_runs(sweep_dir)
         columns = None
-        if (sweep_dir / "runs.csv").is_file():  # keep the columns the sweep chose (e.g. no CLIP score)
-            columns = list(pd.read_csv(sweep_dir / "runs.csv", nrows=0).columns)
+        if (sweep_dir / "runs.csv").is_file():  # keep the columns the sweep chose (e.g. no CLIP score), plus
+            columns = list(pd.read_csv(sweep_dir / "runs.csv", nrows=0).columns)  # newer ones with values
+            columns += [c for c in table.columns if c not in columns and table[c].notna().any()]
         write_table(table, sweep_dir, columns)
     out = write_report(sweep_dir, offset=offset, n_boot=n_boot)
     typer.echo(f"wrote {out} and its plots; table: {sweep_dir / 'runs.csv'}")
