@@ -59,14 +59,13 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
     metadata = load_prompts(prompt_file)
     detector = detector or ("shapes-oracle" if run.config.data.kind == "shapes" else "mmdet")
     folder = Path(run_dir) / "eval" / "geneval"
-    _keyed_folder(folder, {"prompts": [m["prompt"] for m in metadata], "per_prompt": per_prompt,
-                           "settings": settings.resolved(run.variant), "step": run.step})
+    record = _keyed_folder(folder, {"prompts": [m["prompt"] for m in metadata], "per_prompt": per_prompt,
+                                    "settings": settings.resolved(run.variant), "step": run.step})
     done = {index for index, _, samples in iter_prompt_folders(folder) if len(samples) >= per_prompt}
     captions = [meta["prompt"] for meta in metadata for _ in range(per_prompt)]
     skip = [index * per_prompt + j for index in done for j in range(per_prompt)]
     # the sampling cost of every image made for this folder, over interrupted evaluations too
-    key_file = json.loads((folder / "samples.json").read_text())
-    made = key_file.get("made", {"images": 0, "seconds": 0.0})
+    made = record.get("made", {"images": 0, "seconds": 0.0})
     stats, counted = SamplingStats(), 0
     images: list[np.ndarray] = []
     for k, image in generate(run, captions, settings, stats, progress=progress, desc="geneval samples",
@@ -78,7 +77,7 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
             images = []
             if stats.images != counted:  # a new batch: record its cost with the images it made
                 counted = stats.images
-                write_json(folder / "samples.json", {**key_file, "made": {
+                write_json(folder / "samples.json", {**record, "made": {
                     "images": made["images"] + stats.images, "seconds": made["seconds"] + stats.seconds}})
     stats.images, stats.seconds = made["images"] + stats.images, made["seconds"] + stats.seconds
     det = load_detector(detector, detector_path, device=device)
@@ -92,16 +91,19 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
     return result
 
 
-def _keyed_folder(folder: Path, key: dict) -> None:
-    """Keep `folder`'s samples only if they were made with `key` (prompts, settings, checkpoint step)."""
+def _keyed_folder(folder: Path, key: dict) -> dict:
+    """Keep `folder`'s samples only if they were made with `key` (what was sampled, the settings, the checkpoint
+    step); returns its record, FOLDER/samples.json: {"key": ..., "made": {images, seconds, ...} once written}."""
     import shutil
 
     key_path = folder / "samples.json"
-    if folder.is_dir() and not (key_path.is_file() and json.loads(key_path.read_text()).get("key") == key):
-        shutil.rmtree(folder)  # samples of another checkpoint or other settings: made again, never mixed
-    folder.mkdir(parents=True, exist_ok=True)
-    if not key_path.is_file():
-        write_json(key_path, {"key": key})
+    record = json.loads(key_path.read_text()) if key_path.is_file() else {}
+    if record.get("key") != key:
+        shutil.rmtree(folder, ignore_errors=True)  # samples of another checkpoint or settings: never mixed in
+        folder.mkdir(parents=True)
+        record = {"key": key}
+        write_json(key_path, record)
+    return record
 
 
 def _reference_data(run: Any, data_kind: str | None, data_path: str | None, split: str | None,
@@ -165,19 +167,19 @@ def _cached_samples(folder: Path, run: Any, captions: list[str], settings: Sampl
     """Samples for `captions`, stored losslessly as one uint8 .npy keyed by the captions and settings."""
     from harness.atomic import atomic_path
 
-    key = {"captions": captions, "settings": settings.resolved(run.variant), "step": run.step}
-    path, key_path = folder / "samples.npy", folder / "samples.json"
-    if path.is_file() and key_path.is_file():
-        saved = json.loads(key_path.read_text())
-        if saved.get("key") == key:  # reuse, with the cost measured when they were made
-            stats.images, stats.seconds, stats.cost = saved["images"], saved["seconds"], saved["cost"]
-            return np.load(path)
+    record = _keyed_folder(folder, {"captions": captions, "settings": settings.resolved(run.variant),
+                                    "step": run.step})
+    path, made = folder / "samples.npy", record.get("made")
+    if path.is_file() and made:  # reuse, with the cost measured when they were made
+        stats.images, stats.seconds, stats.cost = made["images"], made["seconds"], made["cost"]
+        return np.load(path)
     images = np.stack([image for _, image in generate(run, captions, settings, stats, progress=progress,
                                                        desc="samples")])
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, images)
-    write_json(key_path, {"key": key, "images": stats.images, "seconds": stats.seconds, "cost": stats.cost})
+    write_json(folder / "samples.json",
+               {**record, "made": {"images": stats.images, "seconds": stats.seconds, "cost": stats.cost}})
     return images
 
 
