@@ -41,6 +41,8 @@ def validation_loss(loss_fn: LossFn, data: Batches, *, batch_size: int, seed: in
     padding with zero-weight repeats). Under torch.distributed, batches are dealt round-robin to processes and
     the totals summed over them.
     """
+    from harness.train import to_device
+
     device = torch.device(device)
     n = len(data) if size <= 0 else min(size, len(data))
     if n == 0:
@@ -53,7 +55,7 @@ def validation_loss(loss_fn: LossFn, data: Batches, *, batch_size: int, seed: in
         start, weight = (mine[r], 1.0) if r < len(mine) else (starts[0], 0.0)
         index = seed + start // batch_size
         batch = data.batch(torch.arange(start, min(start + batch_size, n)), torch.Generator().manual_seed(index))
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         generator = torch.Generator(device).manual_seed(index + LOSS_SEED_OFFSET)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss = loss_fn(batch["tokens"], batch["text"], batch["text_mask"], generator)

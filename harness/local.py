@@ -234,7 +234,6 @@ def _interrupt(signum, frame) -> None:
 
 
 def _parallel(book: _Book, workers: int) -> None:
-    spec = book.spec
     # SIGTERM (kill, a job scheduler, `timeout`) stops the workers cleanly, as Ctrl-C does
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
@@ -288,8 +287,8 @@ def _run_pool(book: _Book, workers: int) -> None:
 
 def _stopped(spec: Spec, jobs: list[Job]) -> None:
     names = ", ".join(job.name for job in jobs) or "none"
-    _say(f"[sweep {spec.name}] stopped; interrupted: {names} (a training run saved a checkpoint). "
-         "Run the same command again to resume.")
+    _say(f"[sweep {spec.name}] stopped; interrupted: {names}. Run the same command again to resume (training "
+         "runs from their last checkpoint).")
 
 
 def _latest_line(log_path: Path) -> str:

@@ -46,9 +46,7 @@ def _protocol(data: str, path: Path, split: str, n: Optional[int], seed: int, re
         dataset = open_dataset(data, path, split, image_size=resolution, n=n, seed=seed)
         return reference_protocol(data, split, n, seed, dataset.image_size, path=path), dataset
     resolution, resize_filter = resolution or 256, resize_filter or RESIZE_FILTER
-    loader_split = split.removesuffix("2014") if data == "coco" else split  # the loader takes "train"/"val"
-    dataset = open_dataset(data, path, loader_split, image_size=resolution, n=n, seed=seed,
-                           resize_filter=resize_filter)
+    dataset = open_dataset(data, path, split, image_size=resolution, n=n, seed=seed, resize_filter=resize_filter)
     return reference_protocol(data, split, n, seed, resolution, resize_filter, path=path), dataset
 
 
