@@ -135,14 +135,16 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check values that types alone cannot; names the field on failure."""
+        kinds = ("shapes", "coco", "wds", "webdataset")  # harness.data.open_dataset
         choices = {"optim.schedule": ("constant", "cosine"), "dist.strategy": ("ddp", "fsdp2"),
-                   "dist.dtype": ("auto", "fp32", "bf16"), "model.ladder": ("cpu", "paper")}
+                   "dist.dtype": ("auto", "fp32", "bf16"), "model.ladder": ("cpu", "paper"),
+                   "data.kind": kinds, "data.val_kind": ("", *kinds)}
         for key, allowed in choices.items():
             if _get(self, key) not in allowed:
                 raise FluidbenchError(f"config {key}={_get(self, key)!r}: expected one of {', '.join(allowed)}")
         positive = ["train.steps", "train.batch_size", "train.log_every", "train.ckpt_every", "train.keep_last",
                     "train.val_batch_size", "text.max_length"]
-        non_negative = ["train.val_every", "train.val_size", "optim.lr", "optim.base_lr", "optim.weight_decay",
+        non_negative = ["data.val_n", "train.val_every", "train.val_size", "optim.lr", "optim.base_lr", "optim.weight_decay",
                         "optim.warmup_steps", "optim.grad_clip", "optim.min_lr_ratio"]
         for key in positive:
             if _get(self, key) <= 0:

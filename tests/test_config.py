@@ -55,7 +55,8 @@ def test_bad_keys_and_types_name_the_field(overrides, words):
 
 
 @pytest.mark.parametrize("key, value", [("dist.strategy", "zero3"), ("optim.schedule", "step"),
-                                        ("train.batch_size", 0), ("optim.ema_decay", 1.0), ("out", "")])
+                                        ("train.batch_size", 0), ("optim.ema_decay", 1.0), ("out", ""),
+                                        ("data.kind", "parquet"), ("data.val_kind", "cocoa"), ("data.val_n", -1)])
 def test_validate_names_the_field(key, value):
     cfg = RunConfig.from_overrides({"out": "r", "data.path": "d", "tokenizer.path": "t", key: value})
     with pytest.raises(FluidbenchError, match=key.replace(".", r"\.")):
