@@ -22,13 +22,14 @@ class SamplingSettings:
     temperature: float | None = None
     steps: int | None = None
     head_steps: int | None = None
+    x0_clip: float | None = None      # diffusion head: bound on the predicted x0 each step (None: the variant's)
     batch_size: int = 64
     seed: int = 0
 
     def resolved(self, variant: Any) -> dict:
         """The settings actually used, with the variant's defaults filled in (recorded with every result)."""
         out = asdict(self)
-        for key in ("cfg_scale", "temperature", "steps", "head_steps"):
+        for key in ("cfg_scale", "temperature", "steps", "head_steps", "x0_clip"):
             if out[key] is None:
                 out[key] = variant.defaults.get(key)
         return out
@@ -87,7 +88,8 @@ def generate(run: Any, captions: Sequence[str], settings: SamplingSettings, stat
         text, text_mask = text_encoder.encode(batch)
         tokens = variant.sample(text.to(device), text_mask.to(device), cfg_scale=resolved["cfg_scale"],
                                 temperature=resolved["temperature"], steps=resolved["steps"],
-                                head_steps=resolved["head_steps"], generator=generator)
+                                head_steps=resolved["head_steps"], x0_clip=resolved["x0_clip"],
+                                generator=generator)
         images = to_uint8(tokenizer.decode(tokens))
         if stats is not None:
             stats.images += len(batch)

@@ -295,6 +295,49 @@ def test_diffusion_schedule_matches_iddpm():
     assert torch.isfinite(x).all() and torch.equal(x[0], x[1])
 
 
+def _briefly_trained_head() -> tuple[DiffusionHead, torch.Tensor, torch.Tensor]:
+    """A diffusion head after 60 steps on unit-variance targets: eps is still wrong at t ~ T."""
+    torch.manual_seed(0)
+    head, data, z = DiffusionHead(32, 16, blocks=2), torch.randn(256, 16), torch.randn(256, 32)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    g = gen(0)
+    for _ in range(60):
+        loss = head.loss(z, data, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head, data, z
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 3.0])
+def test_x0_clip_keeps_a_briefly_trained_head_in_distribution(cfg_scale):
+    head, data, z = _briefly_trained_head()
+    rows = z if cfg_scale is None else torch.cat([z, torch.randn_like(z)])
+    with torch.no_grad():
+        free = head.sample(rows, temperature=1.0, cfg_scale=cfg_scale, generator=gen(1), steps=20)
+        clipped = head.sample(rows, temperature=1.0, cfg_scale=cfg_scale, generator=gen(1), steps=20, x0_clip=3.0)
+    assert free.std() > 10 * data.std()  # MAR's unclipped path diverges on such a head (the pitfall is real)
+    assert clipped.abs().max() <= 3.0 + 1e-4  # the last step returns the clamped x0's posterior mean
+    assert abs(clipped.std() / data.std() - 1) < 0.25  # and the latents look like the data's
+
+
+def test_x0_clip_reaches_the_head_through_the_variant():
+    v = tiny("kl-random")
+    with torch.no_grad():
+        for p in v.head.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # a head far from trained: unclipped latents leave any bound
+    text, mask = batch(v)[1:]
+    free = v.sample(text, mask, generator=gen(3))
+    clipped = v.sample(text, mask, generator=gen(3), x0_clip=1.5)
+    assert free.abs().max() > 1.5 and clipped.abs().max() <= 1.5 + 1e-4
+    assert v.last_sample_stats["x0_clip"] == 1.5
+    default = tiny("kl-random", x0_clip=1.5)
+    default.load_state_dict(v.state_dict())
+    torch.testing.assert_close(default.sample(text, mask, generator=gen(3)), clipped)  # the variant's default
+    with pytest.raises(ValueError, match="x0_clip"):
+        v.sample(text, mask, x0_clip=0.0)
+
+
 # ---- overfitting one batch of ShapesT2I -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -77,8 +77,17 @@ class GaussianDiffusion:
         return self._tables[key]
 
     def sample(self, net: Denoiser, noise: torch.Tensor, steps: int, temperature: float,
-               generator: torch.Generator | None) -> torch.Tensor:
-        """Denoise `noise` (N, C) in `steps` respaced steps; fresh noise each step is scaled by `temperature`."""
+               generator: torch.Generator | None, x0_clip: float | None = None) -> torch.Tensor:
+        """Denoise `noise` (N, C) in `steps` respaced steps; fresh noise each step is scaled by `temperature`.
+
+        `x0_clip`: clamp the predicted x0 to [-x0_clip, x0_clip] before each posterior step (diffusers'
+        `DDPMScheduler(clip_sample=True, clip_sample_range=...)`, IDDPM's `clip_denoised`). None is MAR's path
+        (`clip_denoised=False`). Why it matters: alpha_bar at the last training step of the capped cosine
+        schedule is ~2.4e-9, so x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) multiplies the head's eps error by
+        ~2e4 at the first step; a long-trained head gets eps at t ~ T right, a briefly trained one does not,
+        and without the clamp its latents explode (std ~500 for unit-variance data, measured on the embedded
+        sweep, docs/design.md).
+        """
         table = self._sample_table(steps, noise.device)
         x = noise
         n_steps = table["t"].shape[0]
@@ -86,6 +95,8 @@ class GaussianDiffusion:
             t = table["t"][i].expand(x.shape[0])
             eps = net(x, t).to(x.dtype)
             x0 = table["recip_ab"][i] * x - table["recipm1_ab"][i] * eps
+            if x0_clip is not None:
+                x0 = x0.clamp(-x0_clip, x0_clip)
             mean = table["coef_x0"][i] * x0 + table["coef_xt"][i] * x
             if i > 0:
                 x = mean + table["sigma"][i] * temperature * rng.normal(tuple(x.shape), generator, x.device)

@@ -2,7 +2,7 @@
 
 Both follow MAR's `DiffLoss` seam, two methods and nothing else the orders need:
     loss(z (N, W), target, weight (N,) | None, generator) -> scalar   # weighted mean over rows
-    sample(z, *, temperature, cfg_scale, generator, steps) -> tokens  # (N,) codes or (N, C) latents
+    sample(z, *, temperature, cfg_scale, generator, steps, x0_clip) -> tokens  # (N,) codes or (N, C) latents
 With guidance (`cfg_scale` not None), z holds [conditional rows; null-text rows] (2N, W) and N tokens come
 back. `token_kind` says which tokenizer layout the head speaks.
 """
@@ -46,8 +46,10 @@ class CategoricalHead(nn.Module):
         return _weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight)
 
     def sample(self, z: torch.Tensor, *, temperature: float, cfg_scale: float | None = None,
-               generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
-        """Codes (N,): guidance on logits l_u + w (l_c - l_u), then temperature, top-k, Gumbel-max draw."""
+               generator: torch.Generator | None = None, steps: int | None = None,
+               x0_clip: float | None = None) -> torch.Tensor:
+        """Codes (N,): guidance on logits l_u + w (l_c - l_u), then temperature, top-k, Gumbel-max draw.
+        `steps` and `x0_clip` are diffusion settings, ignored here so one setting serves every variant."""
         logits = self.proj(z).float()
         if cfg_scale is not None:
             cond, uncond = logits.chunk(2)
@@ -150,8 +152,10 @@ class DiffusionHead(nn.Module):
         return _weighted_mean(per_row, None if weight is None else weight.repeat(m))
 
     def sample(self, z: torch.Tensor, *, temperature: float, cfg_scale: float | None = None,
-               generator: torch.Generator | None = None, steps: int | None = 100) -> torch.Tensor:
-        """Latents (N, C) for every row of z at once; guidance on eps with the same noise for both halves."""
+               generator: torch.Generator | None = None, steps: int | None = 100,
+               x0_clip: float | None = None) -> torch.Tensor:
+        """Latents (N, C) for every row of z at once; guidance on eps with the same noise for both halves;
+        `x0_clip` bounds the predicted x0 at every step (None: MAR's unclipped sampler)."""
         c = self.net.cond_embed(z)  # once per call, not per denoising step
         n = z.shape[0] // 2 if cfg_scale is not None else z.shape[0]
 
@@ -163,4 +167,4 @@ class DiffusionHead(nn.Module):
             return uncond + cfg_scale * (cond - uncond)
 
         noise = rng.normal((n, self.token_dim), generator, z.device)
-        return self.diffusion.sample(denoise, noise, steps or 100, temperature, generator)
+        return self.diffusion.sample(denoise, noise, steps or 100, temperature, generator, x0_clip=x0_clip)

@@ -77,7 +77,7 @@ class RasterOrder(nn.Module):
 
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,
-               kv_cache: bool = True) -> tuple[torch.Tensor, dict]:
+               kv_cache: bool = True, x0_clip: float | None = None) -> tuple[torch.Tensor, dict]:
         """Tokens (B, L[, C]) one position at a time; constant guidance. `kv_cache=False` recomputes the
         whole prefix every step (the reference for the cache and the benchmark's baseline)."""
         backbone, L = variant.backbone, self.seq_len
@@ -95,7 +95,7 @@ class RasterOrder(nn.Module):
             else:
                 z = backbone(inputs[:, : t + 1], ctx, text_mask, causal=True)[:, -1]
             token = variant.head.sample(z, temperature=temperature, cfg_scale=cfg_scale, generator=generator,
-                                        steps=head_steps)  # (B,) or (B, C)
+                                        steps=head_steps, x0_clip=x0_clip)  # (B,) or (B, C)
             out.append(token)
             if t + 1 < L:
                 e = variant.embed(token)  # (B, W)
@@ -164,7 +164,7 @@ class RandomOrder(nn.Module):
 
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,
-               kv_cache: bool = True) -> tuple[torch.Tensor, dict]:
+               kv_cache: bool = True, x0_clip: float | None = None) -> tuple[torch.Tensor, dict]:
         """Tokens (B, L[, C]) in `steps` full passes; guidance ramps w_k = 1 + (w - 1) * revealed / L with
         `revealed` counted after the step (MAR). `kv_cache` is ignored: bidirectional attention has none."""
         backbone, L, head = variant.backbone, self.seq_len, variant.head
@@ -185,7 +185,7 @@ class RandomOrder(nn.Module):
             z_new = z.gather(1, rows_idx[..., None].expand(-1, -1, z.shape[-1]))  # (rows, n, W)
             w = 1 + (cfg_scale - 1) * (revealed + n) / L if guided else None
             new = head.sample(z_new.flatten(0, 1), temperature=temperature, cfg_scale=w, generator=generator,
-                              steps=head_steps)  # (B * n[, C]): every token of this step in one head call
+                              steps=head_steps, x0_clip=x0_clip)  # (B * n[, C]): every token of this step at once
             new = new.view(B, n, *tokens.shape[2:])
             scatter_idx = idx.view(B, n, *([1] * (tokens.dim() - 2))).expand_as(new)
             tokens = tokens.scatter(1, scatter_idx, new.to(tokens.dtype))

@@ -74,6 +74,7 @@ OPTIONS = {
     "temperature": None,
     "steps": 64,                  # random-order reveal steps (capped at seq_len); raster always takes seq_len
     "head_steps": 100,            # diffusion head sampling steps
+    "x0_clip": None,              # diffusion head: clamp predicted x0 to +-x0_clip each step (None: MAR, unclipped)
 }
 
 
@@ -119,7 +120,8 @@ def build_variant(name: str, size: str, *, seq_len: int, vocab_size: int, token_
     cfg, temperature = GUIDANCE[name]
     defaults = {"cfg_scale": cfg if o["cfg_scale"] is None else o["cfg_scale"],
                 "temperature": temperature if o["temperature"] is None else o["temperature"],
-                "steps": order.default_steps(), "head_steps": head_steps}
+                "steps": order.default_steps(), "head_steps": head_steps,
+                "x0_clip": o["x0_clip"] if head_cls is DiffusionHead else None}
     config = {"name": name, "size": size, "ladder": ladder, "seq_len": seq_len, "vocab_size": vocab_size,
               "token_dim": token_dim, "text_dim": text_dim, **options}
     text_len = o["text_len"] or LADDER_SHAPES[ladder]["text_len"]

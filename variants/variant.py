@@ -110,12 +110,15 @@ class Variant(nn.Module):
     @torch.no_grad()
     def sample(self, text: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None = None,
                temperature: float | None = None, steps: int | None = None, head_steps: int | None = None,
-               generator: torch.Generator | None = None, kv_cache: bool = True) -> torch.Tensor:
+               generator: torch.Generator | None = None, kv_cache: bool = True,
+               x0_clip: float | None = None) -> torch.Tensor:
         """Tokens for each caption, in the tokenizer's layout: (B, L) int64 codes or (B, L, C) latents.
 
         None = the variant's paper default (`self.defaults`). cfg_scale 1.0 runs no null branch; any other
         value doubles the batch (cond + null text) in every backbone pass. `steps`: reveal steps of random
         order (raster order ignores it: always L steps, as the stats say). `head_steps`: diffusion head steps (ignored by codes).
+        `x0_clip`: bound on the diffusion head's predicted x0 at every step (None: the variant's default,
+        itself None = MAR's unclipped sampler; ignored by codes).
         `kv_cache=False`: raster order recomputes the whole prefix each step (reference / benchmark).
         Statistics of the run land in `self.last_sample_stats`.
         """
@@ -125,15 +128,18 @@ class Variant(nn.Module):
         temperature = float(d["temperature"] if temperature is None else temperature)
         steps = self.order.check_steps(steps)
         head_steps = int(d["head_steps"] if head_steps is None else head_steps)
+        x0_clip = d.get("x0_clip") if x0_clip is None else float(x0_clip)
+        if x0_clip is not None and not x0_clip > 0:
+            raise ValueError(f"{self.name}: x0_clip must be > 0 (or None for no clipping), got {x0_clip}")
         guided = cfg != 1.0
         text = text.to(self.backbone.text_proj.weight.dtype)
         encode = self.backbone.guided_text if guided else self.backbone.encode_text
         ctx, mask = encode(text, text_mask)
         tokens, stats = self.order.sample(self, ctx, mask, cfg_scale=cfg if guided else None,
                                           temperature=temperature, steps=steps, head_steps=head_steps,
-                                          generator=generator, kv_cache=kv_cache)
+                                          generator=generator, kv_cache=kv_cache, x0_clip=x0_clip)
         self.last_sample_stats = stats | {"steps": steps, "head_steps": head_steps, "cfg_scale": cfg,
-                                          "temperature": temperature}
+                                          "temperature": temperature, "x0_clip": x0_clip}
         return tokens
 
     def empty_tokens(self, batch: int, device: torch.device) -> torch.Tensor:

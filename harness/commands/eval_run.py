@@ -11,16 +11,18 @@ CFG = typer.Option(None, "--cfg", help="Guidance scale (default: the variant's p
 TEMPERATURE = typer.Option(None, "--temperature", help="Sampling temperature (default: the paper's).")
 STEPS = typer.Option(None, "--steps", help="Random-order reveal steps (default 64; raster always takes L).")
 HEAD_STEPS = typer.Option(None, "--head-steps", help="Diffusion-head sampling steps (default 100).")
+X0_CLIP = typer.Option(None, "--x0-clip", min=0.0, help="Clamp the diffusion head's predicted x0 to +-X each "
+                       "step (default: the variant's; none = MAR's unclipped sampler).")
 BATCH = typer.Option(64, "--batch-size", min=1, help="Captions sampled per batch.")
 SEED = typer.Option(0, "--seed", help="Sampling seed.")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 
 
-def _settings(cfg, temperature, steps, head_steps, batch_size, seed):
+def _settings(cfg, temperature, steps, head_steps, batch_size, seed, x0_clip=None):
     from eval.sampling import SamplingSettings
 
     return SamplingSettings(cfg_scale=cfg, temperature=temperature, steps=steps, head_steps=head_steps,
-                            batch_size=batch_size, seed=seed)
+                            x0_clip=x0_clip, batch_size=batch_size, seed=seed)
 
 
 def geneval(run: Path = RUN,
@@ -32,14 +34,16 @@ def geneval(run: Path = RUN,
             detector_path: Optional[str] = typer.Option(None, "--detector-path", help="Detector weights."),
             clip_path: Optional[str] = typer.Option(None, "--clip-path", help="CLIP ViT-L/14 weights (colours)."),
             cfg: Optional[float] = CFG, temperature: Optional[float] = TEMPERATURE, steps: Optional[int] = STEPS,
-            head_steps: Optional[int] = HEAD_STEPS, batch_size: int = BATCH, seed: int = SEED,
+            head_steps: Optional[int] = HEAD_STEPS, x0_clip: Optional[float] = X0_CLIP,
+            batch_size: int = BATCH, seed: int = SEED,
             device: Optional[str] = DEVICE) -> None:
     """GenEval of a run: generate in the official folder layout, score, write RUN/eval/geneval.json."""
     from eval.run_eval import eval_geneval
 
     r = eval_geneval(run, prompts=prompts, per_prompt=per_prompt, detector=detector, detector_path=detector_path,
-                     clip_path=clip_path, settings=_settings(cfg, temperature, steps, head_steps, batch_size, seed),
-                     device=device)
+                     clip_path=clip_path,
+                     settings=_settings(cfg, temperature, steps, head_steps, batch_size, seed, x0_clip),
+                 device=device)
     tasks = " ".join(f"{t}={r[t]:.3f}" for t in ("single_object", "two_object", "counting", "colors", "position",
                                                    "color_attr") if t in r)
     typer.echo(f"geneval overall={r['overall']:.4f} {tasks} ({r['sampling_stats']['seconds_per_image']:.3f} "
@@ -63,14 +67,16 @@ def fid(run: Path = RUN,
                                               help="Extractor weights: Inception .pth or a train-features folder."),
         cache: Optional[Path] = typer.Option(None, "--cache", help="Reference statistics folder."),
         cfg: Optional[float] = CFG, temperature: Optional[float] = TEMPERATURE, steps: Optional[int] = STEPS,
-        head_steps: Optional[int] = HEAD_STEPS, batch_size: int = BATCH, seed: int = SEED,
+        head_steps: Optional[int] = HEAD_STEPS, x0_clip: Optional[float] = X0_CLIP,
+        batch_size: int = BATCH, seed: int = SEED,
         device: Optional[str] = DEVICE) -> None:
     """FID of a run's samples against the same captions' real images; writes RUN/eval/fid.json."""
     from eval.run_eval import eval_fid
 
     r = eval_fid(run, n=n, split=split, seed=data_seed, data_kind=data_kind, data_path=data_path,
                  extractor=extractor, weights=weights, cache_dir=cache,
-                 settings=_settings(cfg, temperature, steps, head_steps, batch_size, seed), device=device)
+                 settings=_settings(cfg, temperature, steps, head_steps, batch_size, seed, x0_clip),
+                 device=device)
     typer.echo(f"fid={r['fid']:.3f} (n={r['n_images']}, {r['protocol']['extractor']}) -> {run / 'eval' / 'fid.json'}")
 
 
@@ -82,14 +88,16 @@ def clipscore(run: Path = RUN,
               model: Optional[str] = typer.Option(None, "--clip-model", help="open_clip architecture."),
               weights: Optional[str] = typer.Option(None, "--clip-weights", help="Local open_clip checkpoint."),
               cfg: Optional[float] = CFG, temperature: Optional[float] = TEMPERATURE, steps: Optional[int] = STEPS,
-              head_steps: Optional[int] = HEAD_STEPS, batch_size: int = BATCH, seed: int = SEED,
+              head_steps: Optional[int] = HEAD_STEPS, x0_clip: Optional[float] = X0_CLIP,
+              batch_size: int = BATCH, seed: int = SEED,
               device: Optional[str] = DEVICE) -> None:
     """CLIP score of a run's samples against their captions; writes RUN/eval/clipscore.json."""
     from eval.run_eval import eval_clipscore
 
     r = eval_clipscore(run, n=n, split=split, seed=data_seed, data_kind=data_kind, data_path=data_path,
                        model=model, weights=weights,
-                       settings=_settings(cfg, temperature, steps, head_steps, batch_size, seed), device=device)
+                       settings=_settings(cfg, temperature, steps, head_steps, batch_size, seed, x0_clip),
+                 device=device)
     typer.echo(f"clip_score={r['clip_score']:.3f} (n={r['n_images']}) -> {run / 'eval' / 'clipscore.json'}")
 
 
