@@ -10,7 +10,6 @@ filter, resolution, extractor, weights checksum), so a changed setting can never
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ import torch
 
 from harness.atomic import atomic_path, write_json
 from harness.errors import FluidbenchError
+from harness.hashing import sha256_file, sha256_json
 
 # torch-fidelity's published weights (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3); the
 # suffix is the start of the file's sha256, torch.hub's naming convention.
@@ -40,14 +40,6 @@ class FeatureExtractor(Protocol):
     checksum: str   # sha256 of the weights file: part of the reference-statistics key
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inception_weights_path(path: str | Path | None = None) -> Path:
@@ -261,7 +253,7 @@ def _source(path: str | Path) -> str:
     from harness.cache import data_fingerprint
 
     fingerprint = {k: v for k, v in data_fingerprint(path).items() if k != "path"} or {"path": str(path)}
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_json(fingerprint)[:16]
 
 
 def reference_key(protocol: ReferenceProtocol, extractor: FeatureExtractor) -> dict:
@@ -270,7 +262,7 @@ def reference_key(protocol: ReferenceProtocol, extractor: FeatureExtractor) -> d
 
 
 def reference_path(cache_dir: str | Path, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = sha256_json(key)[:16]
     n = "all" if key["n"] is None else key["n"]
     name = f"{key['dataset']}-{key['split']}-n{n}-{key['resolution']}px-{key['extractor']}-{digest}.npz"
     return Path(cache_dir) / name

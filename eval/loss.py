@@ -41,7 +41,7 @@ def validation_loss(loss_fn: LossFn, data: Batches, *, batch_size: int, seed: in
     padding with zero-weight repeats). Under torch.distributed, batches are dealt round-robin to processes and
     the totals summed over them.
     """
-    from harness.train import to_device
+    from harness.devices import to_device
 
     device = torch.device(device)
     n = len(data) if size <= 0 else min(size, len(data))
@@ -74,13 +74,15 @@ def evaluate_run(run_dir: str | os.PathLike, *, size: int | None = None, batch_s
     from harness.cache import open_cached_split
     from harness.runs import load_run
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from harness.devices import autocast_dtype, default_device
+
+    device = default_device(device)
     run = load_run(run_dir, device=device)
     cfg = run.config.train
     size = cfg.val_size if size is None else size
     batch_size = batch_size or cfg.val_batch_size
     data = open_cached_split(run.config, "val", tokenizer=run.tokenizer, text_encoder=run.text_encoder)
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" and run.config.dist.dtype != "fp32" else None
+    dtype = autocast_dtype(run.config.dist.dtype, device)  # the rule the training used
     run.variant.eval()
     loss = validation_loss(run.variant.loss, data, batch_size=batch_size, seed=cfg.val_seed, size=size,
                            device=device, autocast_dtype=dtype)

@@ -17,6 +17,7 @@ import torch
 from eval.geneval_folder import iter_prompt_folders, load_prompts, write_prompt_folder
 from eval.sampling import SamplingSettings, SamplingStats, generate
 from harness.atomic import write_json
+from harness.data import profile
 from harness.errors import FluidbenchError
 
 OFFICIAL_PROMPTS = Path(__file__).parent / "geneval_data" / "evaluation_metadata.jsonl"
@@ -37,11 +38,9 @@ def _record(run: Any, settings: SamplingSettings, stats: SamplingStats) -> dict:
 
 
 def default_prompts(run: Any) -> Path:
-    """ShapesT2I runs use their data set's prompt file; everything else GenEval's official 553 prompts."""
+    """The run's data set's own prompt file (ShapesT2I has one), else GenEval's official 553 prompts."""
     data = run.config.data
-    if data.kind == "shapes":
-        return Path(data.path) / "geneval_metadata.jsonl"
-    return OFFICIAL_PROMPTS
+    return profile(data.kind).prompts(data.path) or OFFICIAL_PROMPTS
 
 
 def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_prompt: int = 4,
@@ -57,7 +56,7 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
     settings = settings or SamplingSettings()
     prompt_file = Path(prompts) if prompts else default_prompts(run)
     metadata = load_prompts(prompt_file)
-    detector = detector or ("shapes-oracle" if run.config.data.kind == "shapes" else "mmdet")
+    detector = detector or profile(run.config.data.kind).detector
     folder = Path(run_dir) / "eval" / "geneval"
     record = _keyed_folder(folder, {"prompts": [m["prompt"] for m in metadata], "per_prompt": per_prompt,
                                     "settings": settings.resolved(run.variant), "step": run.step})
@@ -120,7 +119,7 @@ def _reference_data(run: Any, data_kind: str | None, data_path: str | None, spli
         kind, path = data_kind, data_path
     else:
         kind, path, split = data.kind, data.path, split or data.val_split
-    resolution = None if kind == "shapes" else run.tokenizer.image_size
+    resolution = None if profile(kind).native_size else run.tokenizer.image_size
     dataset = open_dataset(kind, path, split, image_size=resolution, n=n, seed=seed)
     if len(dataset) < n:
         raise FluidbenchError(f"n={n}: split {split!r} of {path} has only {len(dataset)} images")
@@ -145,7 +144,7 @@ def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, se
     run, device = _open(run_dir, device)
     settings = settings or SamplingSettings()
     kind, path, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
-    extractor = extractor or ("shapes" if kind == "shapes" else "inception")
+    extractor = extractor or profile(kind).extractor
     ext = load_extractor(extractor, weights, device=device)
     resolution = run.tokenizer.image_size
     protocol = reference_protocol(kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER, path=path)

@@ -6,33 +6,14 @@ sampling settings and the cost accounting are recorded the same way everywhere.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-
-@dataclass
-class SamplingSettings:
-    """Guidance, temperature and step counts; None means the variant's own (paper) default."""
-
-    cfg_scale: float | None = None
-    temperature: float | None = None
-    steps: int | None = None
-    head_steps: int | None = None
-    x0_clip: float | None = None      # diffusion head: bound on the predicted x0 each step (None: the variant's)
-    batch_size: int = 64
-    seed: int = 0
-
-    def resolved(self, variant: Any) -> dict:
-        """The settings actually used, with the variant's defaults filled in (recorded with every result)."""
-        out = asdict(self)
-        for key in ("cfg_scale", "temperature", "steps", "head_steps", "x0_clip"):
-            if out[key] is None:
-                out[key] = variant.defaults.get(key)
-        return out
+from eval.settings import SamplingSettings  # noqa: F401 - its home is eval/settings.py (no torch)
 
 
 @dataclass

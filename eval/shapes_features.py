@@ -232,7 +232,7 @@ class ShapesFeatures:
 
 def load_shapes_features(folder: str | Path, device: str | torch.device = "cpu") -> ShapesFeatures:
     """Load a folder written by `train_features`, checking its version and its checksum."""
-    from eval.fid import sha256_file
+    from harness.hashing import sha256_file
 
     folder = Path(folder)
     model_path, manifest_path = folder / "model.pt", folder / "manifest.json"

@@ -313,7 +313,8 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
     EMA, sampler and data classes, so what is timed is what the training loop runs."""
     from harness.cache import CachedSplit
     from harness.config import RunConfig
-    from harness.train import EMA, EpochSampler, to_device, train_step, weight_decay_groups
+    from harness.devices import to_device
+    from harness.train import EMA, EpochSampler, train_step, weight_decay_groups
 
     run = RunConfig.from_overrides({"train.batch_size": setting.train_batch, "train.seed": cfg.seed})
     use_bf16 = _bf16(cfg, device)

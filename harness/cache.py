@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from harness.errors import FluidbenchError
+from harness.hashing import sha256_json
 
 FORMAT = 1
 ARRAYS = {"vq": ("tokens", "text", "text_mask"), "kl": ("mean", "std", "text", "text_mask")}
 
 
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+digest = sha256_json
 
 
 def data_fingerprint(path: str | os.PathLike) -> dict:

@@ -7,7 +7,6 @@ A checkpoint that fails either check is reported, renamed to `*.corrupt`, and th
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import warnings
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from harness.atomic import atomic_path, write_text
+from harness.hashing import sha256_file
 
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "schedule", "step", "data", "rng", "config")
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -44,7 +44,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep_last
         torch.save(state, tmp)
         # the digest goes first: a crash between the two renames leaves a digest without a file, never a file
         # without its digest
-        write_text(_digest_path(path), _sha256(tmp) + "\n")
+        write_text(_digest_path(path), sha256_file(tmp) + "\n")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
         _digest_path(old).unlink(missing_ok=True)
@@ -63,7 +63,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     digest = _digest_path(path)
     if verify and digest.is_file():
         expected = digest.read_text().strip()
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise ValueError(f"checkpoint {path}: sha256 does not match {digest.name} (corrupted or truncated)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
@@ -116,9 +116,3 @@ def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()

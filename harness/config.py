@@ -135,7 +135,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check values that types alone cannot; names the field on failure."""
-        kinds = ("shapes", "coco", "wds", "webdataset")  # harness.data.open_dataset
+        from harness.data import KINDS as kinds
         choices = {"optim.schedule": ("constant", "cosine"), "dist.strategy": ("ddp", "fsdp2"),
                    "dist.dtype": ("auto", "fp32", "bf16"), "model.ladder": ("cpu", "paper"),
                    "data.kind": kinds, "data.val_kind": ("", *kinds)}

@@ -55,7 +55,7 @@ class _Book:
                 f"{_clock(time.time() - self.t_start)}] {job.name}")
 
     def blocked_by(self, job: Job) -> str | None:
-        if job.stage == "make_report":  # the report draws whatever finished
+        if job.waits_for_any:  # the report draws whatever finished
             return None
         return next((d for d in job.deps if self.status.get(d) in ("failed", "blocked")), None)
 
@@ -112,7 +112,7 @@ def run_local(spec: Spec, jobs: list[Job] | None = None, workers: int | None = N
     """Run the jobs here; returns {job name: "skipped" | "done" | "failed" | "blocked"}."""
     jobs = plan(spec) if jobs is None else jobs
     write_snapshot(spec)
-    workers = int(spec.local.get("workers", 1) if workers is None else workers)
+    workers = spec.local.workers if workers is None else workers
     book = _Book(spec, jobs)
     if workers <= 1:
         _sequential(book)
@@ -127,10 +127,10 @@ def _sequential(book: _Book) -> None:
 
     # the spec's thread count here too: CPU results depend on it (the order of float sums), so a job gives
     # the same numbers in this process as in a worker, and a resumed evaluation matches an uninterrupted one
-    threads, before = book.spec.local.get("threads"), torch.get_num_threads()
+    threads, before = book.spec.local.threads, torch.get_num_threads()
     try:
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         for job in book.jobs:
             if book.settle(job):
                 continue
@@ -246,9 +246,9 @@ def _parallel(book: _Book, workers: int) -> None:
 
 def _run_pool(book: _Book, workers: int) -> None:
     spec = book.spec
-    threads = int(spec.local.get("threads", 1))
-    exclusive = list(spec.local.get("exclusive", []))
-    status_every = float(spec.local.get("status_every", 20))
+    threads = spec.local.threads or 1
+    exclusive = spec.local.exclusive
+    status_every = spec.local.status_every
     logs = spec.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pool = _Pool(spec, workers)

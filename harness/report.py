@@ -16,15 +16,16 @@ import numpy as np
 import pandas as pd
 
 from eval.geneval_rules import TASKS
+from eval.metrics import (GENEVAL_COLUMNS, GENEVAL_SE, METRICS, SAMPLING_COLUMNS,  # noqa: F401 - the report's
+                          geneval_standard_error, table_row)                    # public names
 from harness.atomic import atomic_path, write_text
 from harness.errors import FluidbenchError
 from harness.scaling import PowerLawFit, fit_power_law, pearson_r
 
-GENEVAL_COLUMNS = ["geneval_overall"] + [f"geneval_{task}" for task in TASKS]
-GENEVAL_SE = "geneval_overall_se"  # its standard error over the images scored (the findings' noise level)
-COLUMNS = ["run", "variant", "size", "token_kind", "order", "params", "train_flops", "steps", "tokens_seen",
-           "val_loss", "fid", *GENEVAL_COLUMNS, GENEVAL_SE, "clip_score", "seconds_per_image",
-           "forward_passes_per_image"]
+# the run's identity and training numbers, then every metric's columns in registry order (eval/metrics.py)
+RUN_COLUMNS = ["run", "variant", "size", "token_kind", "order", "params", "train_flops", "steps", "tokens_seen",
+               "val_loss"]
+COLUMNS = [*RUN_COLUMNS, *[c for m in METRICS.values() for c in m.columns], *SAMPLING_COLUMNS]
 # The paper's numbers the findings are compared against (REFERENCE.md, "The study").
 PAPER_R_LOSS_FID, PAPER_R_LOSS_GENEVAL = 0.917, -0.931
 
@@ -44,15 +45,6 @@ def _study_axes(variant: str) -> tuple[str, str]:
     return head_cls.token_kind, order_cls.kind
 
 
-def geneval_standard_error(counts: dict[str, list[int]]) -> float | None:
-    """Standard error of GenEval's overall score (the mean of the task accuracies) from {task: [correct,
-    images]}: each accuracy a binomial proportion, the tasks independent. None without counts."""
-    tasks = [(c, n) for c, n in counts.values() if n > 0]
-    if not tasks:
-        return None
-    return math.sqrt(sum((c / n) * (1 - c / n) / n for c, n in tasks)) / len(tasks)
-
-
 def collect_run(run: Path) -> dict[str, Any]:
     """One table row from a run folder; metrics not measured yet are NaN."""
     config, summary = _read_json(run / "config.json"), _read_json(run / "summary.json")
@@ -67,22 +59,7 @@ def collect_run(run: Path) -> dict[str, Any]:
     row["params"] = params.get("total") if isinstance(params, dict) else params
     for key in ("train_flops", "steps", "tokens_seen", "val_loss"):
         row[key] = summary.get(key)
-    fid = _read_json(run / "eval" / "fid.json")
-    row["fid"] = fid.get("fid")
-    geneval = _read_json(run / "eval" / "geneval.json")
-    row["geneval_overall"] = geneval.get("overall")
-    for task in TASKS:
-        row[f"geneval_{task}"] = geneval.get(task)
-    row[GENEVAL_SE] = geneval_standard_error(geneval.get("counts") or {})
-    clip = _read_json(run / "eval" / "clipscore.json")
-    row["clip_score"] = clip.get("clip_score", clip.get("score"))
-    # Sampling throughput from the largest sampling pass (FID's), falling back to GenEval's.
-    for source in (fid, geneval):
-        stats = {**source, **(source.get("sampling_stats") or {})}
-        if stats.get("seconds_per_image") is not None:
-            row["seconds_per_image"] = stats["seconds_per_image"]
-            row["forward_passes_per_image"] = stats.get("forward_passes_per_image")  # x2 with guidance
-            break
+    row.update(table_row(run, _read_json))
     return {c: (np.nan if row.get(c) is None else row[c]) for c in COLUMNS}
 
 

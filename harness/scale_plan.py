@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.stages import run_config_values
-from harness.sweep import Spec
+from eval.metrics import METRICS
+from harness.config import RunConfig
+from harness.plan import run_config_values
+from harness.spec import Spec
 
 STATE_BYTES_PER_PARAM = 20
 
@@ -49,12 +51,7 @@ def _activation_bytes(variant, checkpointing: bool) -> float:
     block = 46.0 * L * W + 4.0 * T * W
     blocks = len(bb.blocks) * (2.0 * L * W) + block if checkpointing else len(bb.blocks) * block
     aligner = len(bb.aligner) * 34.0 * T * W
-    head = variant.head
-    if head.token_kind == "kl":  # per-token MLP on L x batch_mul token copies
-        net = head.net
-        head_bytes = 16.0 * L * head.batch_mul * net.input_proj.out_features * len(net.blocks)
-    else:  # fp32 logits and their softmax
-        head_bytes = 2 * 4.0 * L * variant.vocab_size
+    head_bytes = variant.head.activation_bytes(L)
     return blocks + aligner + head_bytes
 
 
@@ -63,35 +60,32 @@ def plan_run(spec: Spec, variant_name: str, size: str) -> RunPlan:
 
     from variants.registry import LADDER_SHAPES, build_variant
 
-    values = run_config_values(spec, variant_name, size)
+    cfg = RunConfig.from_overrides(run_config_values(spec, variant_name, size))
     shapes = {k: v for k, v in LADDER_SHAPES[spec.ladder].items() if k != "text_len"}
-    options = {k.removeprefix("model.options."): v for k, v in values.items() if k.startswith("model.options.")}
+    options = cfg.model.options
     with torch.device("meta"):
         variant = build_variant(variant_name, size, ladder=spec.ladder, **shapes, **options)
     cluster = spec.cluster
-    peak = float(cluster.get("peak_tflops", 989)) * 1e12
-    batch, steps = int(values.get("train.batch_size", 64)), int(values.get("train.steps", 1000))
-    text_online = float(cluster.get("text_encoder_params", 0)) if cluster.get("text_encoder_online") else 0.0
+    peak = cluster.peak_tflops * 1e12
+    batch, steps = cfg.train.batch_size, cfg.train.steps
+    text_online = cluster.text_encoder_params if cluster.text_encoder_online else 0.0
     text_flops = 2.0 * text_online * variant.text_len  # frozen encoder: forward only
     train_flops = variant.train_flops_per_image() * batch * steps
-    per_hour = peak * float(cluster.get("mfu", 0.4)) * 3600
+    per_hour = peak * cluster.mfu * 3600
     gpu_hours = (train_flops + text_flops * batch * steps) / per_hour
 
     resources = spec.resources_for("train", size)
     gpus = max(resources.nodes * resources.gpus_per_node, 1)
-    strategy = values.get("dist.strategy", "ddp")
-    checkpointing = bool(values.get("dist.activation_checkpointing", False))
+    strategy = cfg.dist.strategy
+    checkpointing = cfg.dist.activation_checkpointing
     params = variant.param_counts()["total"]
     state = STATE_BYTES_PER_PARAM * params / (gpus if strategy == "fsdp2" else 1)
     act = _activation_bytes(variant, checkpointing) * batch / gpus
     frozen = 2.0 * text_online
-    eval_images = sum(int((spec.eval.get(m) or {}).get("n", 0)) for m in ("fid", "clipscore"))
-    if spec.eval.get("geneval"):
-        eval_images += 553 * int(spec.eval["geneval"].get("per_prompt", 4))  # the official prompt count
-    sampling = spec.eval.get("sampling") or {}
-    cost = variant.sampling_cost(steps=sampling.get("steps"), cfg_scale=sampling.get("cfg_scale"),
-                                 head_steps=sampling.get("head_steps"))
-    eval_hours = eval_images * (cost["flops"] + text_flops) / (peak * float(cluster.get("sample_mfu", 0.1))) / 3600
+    eval_images = sum(METRICS[m].images(s) for m, s in spec.eval.metrics.items())
+    sampling = spec.eval.sampling
+    cost = variant.sampling_cost(steps=sampling.steps, cfg_scale=sampling.cfg_scale, head_steps=sampling.head_steps)
+    eval_hours = eval_images * (cost["flops"] + text_flops) / (peak * cluster.sample_mfu) / 3600
     return RunPlan(variant=variant_name, size=size, params=params, train_flops=train_flops, gpus=gpus,
                    text_gpu_hours=text_flops * batch * steps / per_hour, strategy=strategy, activation_checkpointing=checkpointing, gpu_hours=gpu_hours,
                    wall_days=gpu_hours / gpus / 24, mem_state_gb=state / 1e9, mem_act_gb=act / 1e9,
@@ -106,13 +100,13 @@ def scale_plan(spec: Spec) -> list[RunPlan]:
 def format_plan(spec: Spec, plans: list[RunPlan]) -> str:
     """A markdown table (docs/cluster.md is this output) and the totals."""
     c = spec.cluster
-    lines = [f"Scale plan of `{spec.name}` on {c.get('gpu', 'GPUs')} ({c.get('peak_tflops', 989)} TFLOP/s dense "
-             f"bf16, {c.get('gpu_mem_gb', 80)} GB) at {float(c.get('mfu', 0.4)):.0%} MFU for training and "
-             f"{float(c.get('sample_mfu', 0.1)):.0%} for sampling; memory per GPU is an estimate "
+    lines = [f"Scale plan of `{spec.name}` on {c.gpu} ({c.peak_tflops:g} TFLOP/s dense "
+             f"bf16, {c.gpu_mem_gb:g} GB) at {c.mfu:.0%} MFU for training and "
+             f"{c.sample_mfu:.0%} for sampling; memory per GPU is an estimate "
              "(harness/scale_plan.py).", "",
              "| run | params | train FLOPs | GPUs | parallelism | GPU-hours (text encoder) | days | state GB/GPU | "
              "activations GB/GPU | total GB/GPU | eval GPU-hours |", "|" + "---|" * 11]
-    limit = float(c.get("gpu_mem_gb", 80))
+    limit = c.gpu_mem_gb
     for p in plans:
         par = p.strategy + (" + act. ckpt" if p.activation_checkpointing else "")
         flag = " (over!)" if p.mem_total_gb > limit else ""
@@ -123,9 +117,9 @@ def format_plan(spec: Spec, plans: list[RunPlan]) -> str:
     evals = sum(p.eval_gpu_hours for p in plans)
     lines += ["", f"Total: {total:,.0f} GPU-hours of training and {evals:,.0f} of evaluation sampling for "
               f"{len(plans)} runs."]
-    if c.get("text_encoder_online"):
+    if c.text_encoder_online:
         text = sum(p.text_gpu_hours for p in plans)
         lines.append(f"Of the training GPU-hours, {text:,.0f} are the frozen text encoder run online "
-                     f"({float(c.get('text_encoder_params', 0)) / 1e9:.2f}B parameters, forward only, in parentheses "
+                     f"({c.text_encoder_params / 1e9:.2f}B parameters, forward only, in parentheses "
                      "per run); pre-encoded captions would remove that share.")
     return "\n".join(lines)

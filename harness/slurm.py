@@ -23,7 +23,10 @@ from typing import Any
 
 from harness.atomic import write_json
 from harness.errors import FluidbenchError
-from harness.sweep import Job, Resources, Spec, is_done, log_event, plan, run_job, stamp, write_snapshot
+from harness.jobs import Job, TrainRun
+from harness.plan import plan
+from harness.spec import Resources, Spec
+from harness.sweep import is_done, log_event, run_job, stamp, write_snapshot
 
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"}
 
@@ -39,7 +42,7 @@ def executor_parameters(spec: Spec, job: Job) -> dict[str, Any]:
         "slurm_mem": f"{r.mem_gb}G",
         "timeout_min": r.time_min,
         "slurm_signal_delay_s": 180,   # time to write a checkpoint of the largest rung before the kill
-        "slurm_max_num_timeout": int(spec.cluster.get("max_requeues", 100)),
+        "slurm_max_num_timeout": spec.cluster.max_requeues,
     }
     if r.gpus_per_node:
         params["gpus_per_node"] = r.gpus_per_node
@@ -56,19 +59,17 @@ class SweepJob:
         self.spec, self.job_name = spec, job_name
 
     def __call__(self) -> str:
-        from harness import stages
-
         job = next(j for j in plan(self.spec) if j.name == self.job_name)
         if is_done(self.spec, job):
             return "done already"
-        if job.stage != "train_run":  # one task; on a signal submitit requeues it and it starts over
+        if not isinstance(job, TrainRun):  # one task; on a signal submitit requeues it and it starts over
             run_job(self.spec, job)
             return "done"
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         # Slurm's warning (USR2) becomes the trainer's SIGTERM: it saves a checkpoint and returns.
         signal.signal(signal.SIGUSR2, lambda *_: signal.raise_signal(signal.SIGTERM))
         t0 = time.time()
-        stages.train_run(self.spec, **job.args)  # every rank: srun started one task per GPU
+        job.run()  # every rank: srun started one task per GPU
         if all(Path(o).exists() for o in job.outputs):
             if int(os.environ.get("SLURM_PROCID", "0")) == 0:
                 stamp(self.spec, job, time.time() - t0)
@@ -104,7 +105,7 @@ def submit(spec: Spec, jobs: list[Job] | None = None) -> dict[str, str]:
     registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
     ids: dict[str, str] = {}
     for job in jobs:
-        if is_done(spec, job) and not (job.stage == "make_report" and ids):  # redraw after new results
+        if is_done(spec, job) and not (job.waits_for_any and ids):  # redraw after new results
             continue
         previous = registry.get(job.name)
         if previous and _alive(previous):  # queued by an earlier invocation: wait for it, do not duplicate
@@ -114,7 +115,7 @@ def submit(spec: Spec, jobs: list[Job] | None = None) -> dict[str, str]:
         params = executor_parameters(spec, job)
         waits = [ids[d] for d in job.deps if d in ids]
         if waits:
-            kind = "afterany" if job.stage == "make_report" else "afterok"
+            kind = "afterany" if job.waits_for_any else "afterok"
             params["slurm_additional_parameters"] = {"dependency": f"{kind}:" + ":".join(waits)}
         executor.update_parameters(**params)
         submitted = executor.submit(SweepJob(spec, job.name))

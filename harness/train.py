@@ -24,6 +24,7 @@ from harness import distributed as D
 from harness.atomic import append_jsonl, read_jsonl, write_json, write_text
 from harness.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from harness.config import RunConfig, diff, flatten
+from harness.devices import autocast_dtype as choose_autocast, to_device
 from harness.errors import FluidbenchError
 
 # Settings a resumed run may change: its length, its logging, and how it is spread over devices.
@@ -87,8 +88,7 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     loss_gen = torch.Generator(info.device).manual_seed(cfg.train.seed * 1_000_003 + info.rank + 1)
     data_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + info.rank + 7_919)
     generators = {"loss": loss_gen, "data": data_gen}
-    use_bf16 = cfg.dist.dtype == "bf16" or (cfg.dist.dtype == "auto" and info.device.type == "cuda")
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    autocast_dtype = choose_autocast(cfg.dist.dtype, info.device)
 
     # ---- resume ----
     step, wall_before, last_ckpt = 0, 0.0, None
@@ -250,13 +250,6 @@ def train_step(cfg: RunConfig, step: int, model: nn.Module, optimizer: torch.opt
     optimizer.zero_grad(set_to_none=True)
     ema.update(params, ema_decay(cfg, step))
     return loss.detach().float(), lr
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Host batch -> device without a sync: a copy from pageable memory would wait for the stream."""
-    if device.type == "cpu":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:

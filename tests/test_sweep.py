@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from harness.errors import FluidbenchError
+from harness.jobs import Job
 from harness.sweep import is_done, load_spec, plan, stamp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +89,7 @@ def test_unknown_spec_and_bad_keys_are_one_line_errors(tmp_path):
 def test_fluid_paper_reference_and_validation_data_are_coco_2014_train(tmp_path):
     """FID, CLIP score and validation loss read COCO-2014 train (30K), not the training shards."""
     from harness.config import RunConfig
-    from harness.stages import eval_settings
+    from harness.plan import eval_settings
 
     spec = load_spec("fluid-paper", out=tmp_path / "paper")
     for metric in ("fid", "clipscore"):
@@ -114,13 +117,13 @@ def test_stamp_with_other_settings_is_an_error_not_a_silent_skip(tmp_path):
 
 def test_slurm_training_job_saves_on_preemption_then_requeues(tmp_path, monkeypatch):
     """USR2 (Slurm's warning) reaches the trainer as SIGTERM; the job then hands over to submitit's requeue."""
-    from harness import stages
+    from harness import train
     from harness.slurm import SweepJob
 
     spec = load_spec("embedded", out=tmp_path / "e")
     events = []
 
-    def fake_train_run(spec, values):  # the trainer: saves and returns on SIGTERM, no summary.json
+    def fake_train_run(cfg):  # the trainer: saves and returns on SIGTERM, no summary.json
         def on_term(signum, frame):
             events.append("trainer saved")
         previous = signal.signal(signal.SIGTERM, on_term)
@@ -132,7 +135,7 @@ def test_slurm_training_job_saves_on_preemption_then_requeues(tmp_path, monkeypa
     def submitit_requeue(signum, frame):  # stands in for submitit's checkpoint-and-requeue handler
         events.append("requeued")
 
-    monkeypatch.setattr(stages, "train_run", fake_train_run)
+    monkeypatch.setattr(train, "train", fake_train_run)
     previous = signal.signal(signal.SIGUSR2, submitit_requeue)
     try:
         assert SweepJob(spec, "train/kl-random-cpu-xs")() == "interrupted"
@@ -231,32 +234,39 @@ def test_micro_sweep_end_to_end_then_resume_then_no_work(tmp_path, monkeypatch):
     assert (root / "runs.csv").stat().st_mtime_ns == before
 
 
-def test_a_failed_job_blocks_its_dependents_and_the_report_still_runs(tmp_path, monkeypatch):
-    from harness import stages
+calls = []
+
+
+@dataclass(kw_only=True)
+class Work(Job):
+    """A job that writes its one output (and says so in `calls`), or fails."""
+
+    what: str = ""
+    fails: bool = False
+
+    def run(self) -> None:
+        if self.fails:
+            raise FluidbenchError("data went wrong")
+        calls.append(self.what)
+        Path(self.outputs[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.outputs[0]).write_text("ok")
+
+
+@dataclass(kw_only=True)
+class Report(Work):
+    waits_for_any: ClassVar[bool] = True
+
+
+def test_a_failed_job_blocks_its_dependents_and_the_report_still_runs(tmp_path):
     from harness.local import run_local
-    from harness.sweep import Job
 
     spec = load_spec("embedded", out=tmp_path / "e")
-    calls = []
-
-    def broken(spec, **_):
-        raise FluidbenchError("data went wrong")
-
-    def fine(name):
-        def stage(spec, out):
-            calls.append(name)
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text("ok")
-        return stage
-
-    monkeypatch.setattr(stages, "make_data", broken, raising=True)
-    monkeypatch.setattr(stages, "train_run", fine("train"))
-    monkeypatch.setattr(stages, "make_report", fine("report"))
+    calls.clear()
     out = tmp_path / "e"
-    jobs = [Job("data", "make_data", {}, [str(out / "d")]),
-            Job("train/a", "train_run", {"out": str(out / "a")}, [str(out / "a")], deps=["data"]),
-            Job("train/b", "train_run", {"out": str(out / "b")}, [str(out / "b")]),
-            Job("report", "make_report", {"out": str(out / "r")}, [str(out / "r")], deps=["train/a", "train/b"])]
+    jobs = [Work(name="data", outputs=[str(out / "d")], fails=True),
+            Work(name="train/a", outputs=[str(out / "a")], deps=["data"], what="train"),
+            Work(name="train/b", outputs=[str(out / "b")], what="train"),
+            Report(name="report", outputs=[str(out / "r")], deps=["train/a", "train/b"], what="report")]
     status = run_local(spec, jobs, workers=1)
     assert status == {"data": "failed", "train/a": "blocked", "train/b": "done", "report": "done"}
     assert calls == ["train", "report"]
@@ -271,11 +281,11 @@ def test_scale_plan_follows_the_flop_accounting(tmp_path):
     small = plan_run(spec, "kl-random", "1.1B")
     assert big.strategy == "fsdp2" and small.strategy == "ddp"
     assert big.params > 10e9 and big.gpus == 256
-    peak = spec.cluster["peak_tflops"] * 1e12 * spec.cluster["mfu"] * 3600
+    peak = spec.cluster.peak_tflops * 1e12 * spec.cluster.mfu * 3600
     assert big.gpu_hours == pytest.approx(big.train_flops / peak + big.text_gpu_hours, rel=1e-9)
     assert small.mem_state_gb == pytest.approx(20 * small.params / 1e9)  # DDP: the full state on every GPU
     assert big.mem_state_gb == pytest.approx(20 * big.params / 1e9 / 256)  # FSDP2: sharded
-    assert big.mem_total_gb < spec.cluster["gpu_mem_gb"]
+    assert big.mem_total_gb < spec.cluster.gpu_mem_gb
     text = format_plan(spec, [small, big])
     assert "| kl-random 10.5B | 10.93B |" in text and "GPU-hours" in text
 
@@ -300,7 +310,6 @@ def test_exclusive_jobs_wait_for_the_whole_machine_and_hold_the_queue(tmp_path):
     from types import SimpleNamespace
 
     from harness.local import _schedule
-    from harness.sweep import Job
 
     class Book:
         def waiting(self, job):
@@ -312,7 +321,7 @@ def test_exclusive_jobs_wait_for_the_whole_machine_and_hold_the_queue(tmp_path):
         def started(self, job):
             pass
 
-    jobs = {name: Job(name, "noop", {}, []) for name in ("tokenizer/vq", "cache/vq", "train/x")}
+    jobs = {name: Job(name=name, outputs=[]) for name in ("tokenizer/vq", "cache/vq", "train/x")}
     pool = SimpleNamespace(inboxes=[SimpleQueue(), SimpleQueue()])
     busy = {0: (jobs["cache/vq"], 0.0, 1)}
     pending = [jobs["tokenizer/vq"], jobs["train/x"]]

@@ -39,6 +39,11 @@ class CategoricalHead(nn.Module):
         self.vocab_size, self.top_k = vocab_size, top_k
         self.proj = nn.Linear(width, vocab_size)
 
+    def activation_bytes(self, seq_len: int) -> float:
+        """Activation bytes kept for the backward pass per image (harness/scale_plan.py): fp32 logits and
+        their softmax."""
+        return 2 * 4.0 * seq_len * self.vocab_size
+
     def loss(self, z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Cross-entropy (nats) of codes `target` (N,) given z (N, W), averaged with `weight`."""
@@ -140,6 +145,11 @@ class DiffusionHead(nn.Module):
         self.token_dim, self.batch_mul = token_dim, batch_mul
         self.net = AdaLNMLP(token_dim, width, head_width or width, blocks)
         self.diffusion = GaussianDiffusion(train_steps)
+
+    def activation_bytes(self, seq_len: int) -> float:
+        """Activation bytes kept for the backward pass per image (harness/scale_plan.py): ~16 x width bytes per
+        block for each of the seq_len x batch_mul token copies of the per-token MLP."""
+        return 16.0 * seq_len * self.batch_mul * self.net.input_proj.out_features * len(self.net.blocks)
 
     def loss(self, z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:

@@ -14,9 +14,6 @@ import typer
 
 from harness.errors import FluidbenchError
 
-DATA_KINDS = ("coco", "shapes", "wds", "webdataset")
-
-
 def _device(device: str) -> str:
     import torch
 
@@ -40,9 +37,9 @@ def _protocol(data: str, path: Path, split: str, n: Optional[int], seed: int, re
               resize_filter: Optional[str]):
     """Resolve the reference protocol's settings and open the data set that realises them."""
     from eval.fid import reference_protocol
-    from harness.data import RESIZE_FILTER, open_dataset
+    from harness.data import RESIZE_FILTER, open_dataset, profile
 
-    if data == "shapes":
+    if profile(data).native_size:
         dataset = open_dataset(data, path, split, image_size=resolution, n=n, seed=seed)
         return reference_protocol(data, split, n, seed, dataset.image_size, path=path), dataset
     resolution, resize_filter = resolution or 256, resize_filter or RESIZE_FILTER
@@ -70,11 +67,12 @@ def fid_ref(
     """Build (or find) the reference statistics of real images for one FID protocol; prints their path."""
     from eval.fid import batches_from_dataset, compute_reference_stats, default_cache_dir
 
-    if data not in DATA_KINDS:
-        raise FluidbenchError(f"--data {data}: expected one of {', '.join(DATA_KINDS)}")
-    if data == "coco" and n is None:
-        n = 30000
-    extractor = extractor or ("shapes" if data == "shapes" else "inception")
+    from harness.data import PROFILES
+
+    if data not in PROFILES:
+        raise FluidbenchError(f"--data {data}: expected one of {', '.join(PROFILES)}")
+    n = PROFILES[data].reference_n if n is None else n
+    extractor = extractor or PROFILES[data].extractor
     features = features or _default_features(path)
     net = _extractor(extractor, inception_weights, features, device)
     protocol, dataset = _protocol(data, path, split, n, seed, resolution, resize_filter)

@@ -1,0 +1,131 @@
+"""A sweep spec is checked at load: a misspelt or ill-typed key at any level is one line naming its path, before
+any job runs (also under --dry-run); every job of the plan is typed and carries a constructed config."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.errors import FluidbenchError
+from harness.sweep import load_spec, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = yaml.safe_load((ROOT / "harness/specs/embedded.yaml").read_text())
+PAPER = yaml.safe_load((ROOT / "harness/specs/fluid-paper.yaml").read_text())
+
+
+def _set(values: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(values)
+    *parents, last = dotted.split(".")
+    node = out
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out
+
+
+# (base spec, dotted key to set, value, text the error must contain: the key's path)
+BAD = [
+    (EMBEDDED, "frobnicate", 1, "unknown key 'frobnicate'"),
+    (EMBEDDED, "run.train.batch_sise", 64, "run.train.batch_sise"),
+    (EMBEDDED, "run.optim.lrr", 1e-3, "run.optim.lrr"),
+    (EMBEDDED, "run.train.steps", "many", "run.train.steps"),
+    (EMBEDDED, "per_size.cpu-s.train.stepz", 3, "per_size.cpu-s.train.stepz"),
+    (EMBEDDED, "per_size.cpu-huge", {"train": {"steps": 3}}, "per_size.cpu-huge"),
+    (EMBEDDED, "eval.sampling.head_stepz", 20, "eval.sampling.head_stepz"),
+    (EMBEDDED, "eval.sampling.steps", "16", "eval.sampling.steps: expected int"),
+    (EMBEDDED, "eval.fid.nn", 500, "eval.fid.nn: not a setting of eval_fid"),
+    (EMBEDDED, "eval.fid.n", 1.5, "eval.fid.n: expected int"),
+    (EMBEDDED, "eval.geneval.per_promt", 2, "eval.geneval.per_promt: not a setting of eval_geneval"),
+    (EMBEDDED, "eval.geneval.ceiling", "yes", "eval.geneval.ceiling: expected bool"),
+    (EMBEDDED, "eval.kid", {"n": 3}, "unknown key 'eval.kid'"),
+    (EMBEDDED, "eval.grid.per_promt", 4, "eval.grid.per_promt"),
+    (EMBEDDED, "local.workers", "abc", "local.workers: expected int, got str 'abc'"),
+    (EMBEDDED, "local.worker", 2, "local.worker"),
+    (EMBEDDED, "local.workers", 0, "local: workers and threads must be >= 1"),
+    (EMBEDDED, "ladder", "gpu", "ladder 'gpu' unknown"),
+    (EMBEDDED, "variants", "kl-random", "variants: expected a list, got str 'kl-random'"),
+    (EMBEDDED, "variants", ["kl-randum"], "variant 'kl-randum' unknown"),
+    (EMBEDDED, "extra_runs", [{"variant": "kl-random", "sise": "cpu-s"}], "extra_runs[0].sise"),
+    (EMBEDDED, "data.shapes.trian", 10, "data.shapes.trian"),
+    (EMBEDDED, "data.val_n", "all", "data.val_n: expected int"),
+    (EMBEDDED, "data.kind", "jpegs", "data.kind='jpegs'"),
+    (EMBEDDED, "tokenizers.vq.train.stepz", 3, "tokenizers.vq.train.stepz"),
+    (EMBEDDED, "tokenizers.vq", {"pth": "/x"}, "tokenizers.vq.pth"),
+    (EMBEDDED, "text.max_lenght", 32, "text.max_lenght"),
+    (EMBEDDED, "features.step", 600, "features.step"),
+    (EMBEDDED, "report.n_boot", "1000x", "report.n_boot: expected int"),
+    (PAPER, "resources.train.gpuz", 8, "resources.train.gpuz"),
+    (PAPER, "resources.train.166M.gpus", 8, "resources.train.166M.gpus"),
+    (PAPER, "resources.eval.time_min", "1 day", "resources.eval.time_min: expected int"),
+    (PAPER, "resources.gpu", {"nodes": 1}, "unknown key 'resources.gpu'"),
+    (PAPER, "cluster.mfuu", 0.4, "cluster.mfuu"),
+    (PAPER, "eval.clipscore.weigths", "/x", "eval.clipscore.weigths: not a setting of eval_clipscore"),
+    (PAPER, "run.dist.strategy", "zero3", "dist.strategy='zero3'"),
+]
+
+
+@pytest.mark.parametrize("base,key,value,expected", BAD, ids=[f"{k}={v!r}" for _, k, v, _ in BAD])
+def test_a_bad_key_at_any_level_fails_at_load_naming_its_path(tmp_path, base, key, value, expected):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_set(base, key, value)))
+    with pytest.raises(FluidbenchError) as error:
+        plan(load_spec(path, out=tmp_path / "sweep"))  # the plan constructs every config too
+    message = str(error.value)
+    assert expected in message and "\n" not in message
+    assert not (tmp_path / "sweep").exists()  # nothing ran, nothing was written
+
+
+@pytest.mark.parametrize("key,value,expected", [("eval.sampling.head_stepz", 20, "eval.sampling.head_stepz"),
+                                                ("run.train.batch_sise", 64, "run.train.batch_sise")])
+def test_dry_run_catches_a_bad_key_with_one_line_and_exit_2(tmp_path, capsys, key, value, expected):
+    from harness.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_set(EMBEDDED, key, value)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "sweep")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: sweep spec") and expected in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_every_job_is_typed_with_its_config_constructed(tmp_path):
+    from eval.metrics import METRICS
+    from harness.config import RunConfig
+    from harness.jobs import Evaluate, TrainRun
+
+    jobs = plan(load_spec("embedded", out=tmp_path / "e"))
+    runs = [j for j in jobs if isinstance(j, TrainRun)]
+    assert len(runs) == 12 and all(isinstance(j.cfg, RunConfig) for j in runs)
+    assert runs[0].cfg.train.steps == 200 and runs[0].cfg.optim.lr == 1e-3
+    evals = [j for j in jobs if isinstance(j, Evaluate)]
+    assert {j.metric for j in evals} == {"fid", "geneval"}  # clipscore: null in the embedded spec
+    for job in evals:
+        assert isinstance(job.settings, METRICS[job.metric].settings)
+        assert job.sampling.head_steps == 20 and job.outputs[0].endswith(METRICS[job.metric].result)
+    fid = next(j for j in evals if j.metric == "fid")
+    assert fid.settings.n == 500 and fid.settings.weights == str(tmp_path / "e" / "features")
+    assert len({j.key for j in jobs}) == len(jobs)
+
+
+def test_the_command_line_of_an_evaluation_is_one_the_cli_takes(tmp_path):
+    """Every flag an evaluation job writes is an option of `fluidbench eval <metric>` (they cannot drift)."""
+    import shlex
+
+    import typer
+
+    from harness.cli import app
+    from harness.jobs import Evaluate
+
+    group = typer.main.get_command(app).commands["eval"]
+    for spec in ("embedded", "fluid-paper"):
+        for job in [j for j in plan(load_spec(spec, out=tmp_path / spec)) if isinstance(j, Evaluate)]:
+            words = shlex.split(job.command)
+            assert words[:3] == ["fluidbench", "eval", job.metric]
+            command = group.commands[job.metric]
+            context = command.make_context(job.metric, words[3:])  # parses, or raises on an unknown option
+            assert context.params["run"] == Path(job.run_dir)
