@@ -288,15 +288,13 @@ def _fake_cache(folder: Path, kind: str, setting: Setting, items: int, text_len:
                 seed: int) -> Path:
     """A cache folder in harness.cache's layout filled with random tokens and text, so that the training step
     reads its batches through the same CachedSplit.batch as a real run."""
+    from harness.cache import LAYOUTS
+
     rng = np.random.default_rng(seed)
     L, C = setting.seq_len, setting.token_dim
     arrays = {"text": rng.standard_normal((items, text_len, text_dim)).astype(np.float16),
-              "text_mask": np.arange(text_len)[None] < rng.integers(3, text_len + 1, (items, 1))}
-    if kind == "vq":
-        arrays["tokens"] = rng.integers(0, setting.vocab_size, (items, L)).astype(np.int32)
-    else:
-        arrays["mean"] = rng.standard_normal((items, L, C)).astype(np.float16)
-        arrays["std"] = np.full((items, L, C), 0.05, np.float16)
+              "text_mask": np.arange(text_len)[None] < rng.integers(3, text_len + 1, (items, 1)),
+              **LAYOUTS[kind].random(rng, items, L, C, setting.vocab_size)}
     for name, a in arrays.items():
         np.save(folder / f"{name}.npy", a)
     manifest = dict(kind=kind, n=items, seq_len=L, token_dim=C, vocab_size=setting.vocab_size, text_dim=text_dim,
@@ -423,7 +421,9 @@ def stand_in_tokenizer(kind: str, setting: Setting, seed: int, device: torch.dev
     """A randomly initialised tokenizer of the embedded architecture (f4) giving `setting.seq_len` tokens."""
     from variants.tokenizer_train import TokenizerTrainConfig, build_tokenizer
     grid = int(round(setting.seq_len ** 0.5))
-    channels = setting.token_dim if kind == "kl" else TokenizerTrainConfig.latent_channels
+    from harness.cache import LAYOUTS
+
+    channels = LAYOUTS[kind].latent_channels(setting.token_dim) or TokenizerTrainConfig.latent_channels
     tc = TokenizerTrainConfig(kind=kind, image_size=setting.image_size, grid=grid, latent_channels=channels,
                               codebook_size=setting.vocab_size, seed=seed)
     return build_tokenizer(tc).to(device)

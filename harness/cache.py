@@ -24,7 +24,60 @@ from harness.errors import FluidbenchError
 from harness.hashing import sha256_json
 
 FORMAT = 1
-ARRAYS = {"vq": ("tokens", "text", "text_mask"), "kl": ("mean", "std", "text", "text_mask")}
+
+
+class CodeLayout:
+    """vq tokens in the cache: one int32 code per token, `tokens.npy` (N, L)."""
+
+    arrays = ("tokens",)
+
+    def shapes(self, n: int, L: int, C: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return {"tokens": ((n, L), np.int32)}
+
+    def encode(self, tokenizer, images: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"tokens": tokenizer.encode(images).cpu().numpy().astype(np.int32)}
+
+    def tokens(self, arrays: dict, idx: np.ndarray, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.from_numpy(arrays["tokens"][idx].astype(np.int64))  # (B, L)
+
+    def random(self, rng: np.random.Generator, n: int, L: int, C: int, vocab_size: int) -> dict[str, np.ndarray]:
+        """Random arrays of this layout (benchmarks time the training step on them)."""
+        return {"tokens": rng.integers(0, vocab_size, (n, L)).astype(np.int32)}
+
+    def latent_channels(self, token_dim: int) -> int | None:
+        """A tokenizer's latent channels for tokens of `token_dim` (None: codes have no dimension; its default)."""
+        return None
+
+
+class MomentLayout:
+    """kl tokens in the cache: the posterior's `mean.npy` and `std.npy`, float16 (N, L, C), so training still
+    samples mean + std * eps (with no generator a batch is the mean)."""
+
+    arrays = ("mean", "std")
+
+    def shapes(self, n: int, L: int, C: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return {"mean": ((n, L, C), np.float16), "std": ((n, L, C), np.float16)}
+
+    def encode(self, tokenizer, images: torch.Tensor) -> dict[str, np.ndarray]:
+        mean, std = tokenizer.encode_moments(images)
+        return {"mean": mean.cpu().numpy().astype(np.float16), "std": std.cpu().numpy().astype(np.float16)}
+
+    def tokens(self, arrays: dict, idx: np.ndarray, generator: torch.Generator | None) -> torch.Tensor:
+        tokens = torch.from_numpy(arrays["mean"][idx].astype(np.float32))  # (B, L, C)
+        if generator is not None:
+            std = torch.from_numpy(arrays["std"][idx].astype(np.float32))
+            tokens = tokens + std * torch.randn(tokens.shape, generator=generator)
+        return tokens
+
+    def random(self, rng: np.random.Generator, n: int, L: int, C: int, vocab_size: int) -> dict[str, np.ndarray]:
+        return {"mean": rng.standard_normal((n, L, C)).astype(np.float16), "std": np.full((n, L, C), 0.05, np.float16)}
+
+    def latent_channels(self, token_dim: int) -> int | None:
+        return token_dim  # one latent per token (1 x 1 patches)
+
+
+LAYOUTS = {"vq": CodeLayout(), "kl": MomentLayout()}  # by the tokenizer's kind
+ARRAYS = {kind: (*layout.arrays, "text", "text_mask") for kind, layout in LAYOUTS.items()}
 
 
 digest = sha256_json
@@ -102,12 +155,8 @@ def build_cache(folder: str | os.PathLike, key: dict, dataset, tokenizer, text_e
                 raise FluidbenchError(f"data set ended after {s} of {n} items while caching {key['split']}")
             images = torch.stack([img for img, _ in items]).float() / 127.5 - 1
             captions += [cap for _, cap in items]
-            if kind == "vq":
-                arrays["tokens"][s:s + len(items)] = tokenizer.encode(images).cpu().numpy().astype(np.int32)
-            else:
-                mean, std = tokenizer.encode_moments(images)
-                arrays["mean"][s:s + len(items)] = mean.cpu().numpy().astype(np.float16)
-                arrays["std"][s:s + len(items)] = std.cpu().numpy().astype(np.float16)
+            for name, values in LAYOUTS[kind].encode(tokenizer, images).items():
+                arrays[name][s:s + len(items)] = values
             bar.update(len(items))
         bar.close()
         _encode_captions(captions, text_encoder, arrays, batch_size, progress)
@@ -126,8 +175,7 @@ def build_cache(folder: str | os.PathLike, key: dict, dataset, tokenizer, text_e
 
 
 def _open_arrays(folder: Path, n: int, kind: str, L: int, C: int, T: int, D: int) -> dict[str, np.memmap]:
-    shapes = dict(tokens=((n, L), np.int32), mean=((n, L, C), np.float16), std=((n, L, C), np.float16),
-                  text=((n, T, D), np.float16), text_mask=((n, T), np.bool_))
+    shapes = dict(**LAYOUTS[kind].shapes(n, L, C), text=((n, T, D), np.float16), text_mask=((n, T), np.bool_))
     return {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=shapes[name][1],
                                             shape=shapes[name][0]) for name in ARRAYS[kind]}
 
@@ -193,13 +241,7 @@ class CachedSplit(torch.utils.data.Dataset):
         """Items at `indices` stacked: tokens (B, L) int64 or (B, L, C) float32, text (B, T, D), text_mask (B, T)."""
         idx = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64)
         a = self.arrays
-        if self.kind == "vq":
-            tokens = torch.from_numpy(a["tokens"][idx].astype(np.int64))
-        else:
-            tokens = torch.from_numpy(a["mean"][idx].astype(np.float32))
-            if generator is not None:
-                std = torch.from_numpy(a["std"][idx].astype(np.float32))
-                tokens = tokens + std * torch.randn(tokens.shape, generator=generator)
+        tokens = LAYOUTS[self.kind].tokens(a, idx, generator)
         return dict(tokens=tokens, text=torch.from_numpy(a["text"][idx].astype(np.float32)),
                     text_mask=torch.from_numpy(a["text_mask"][idx].copy()))
 

@@ -26,6 +26,7 @@ from harness.scaling import PowerLawFit, fit_power_law, pearson_r
 RUN_COLUMNS = ["run", "variant", "size", "token_kind", "order", "params", "train_flops", "steps", "tokens_seen",
                "val_loss"]
 COLUMNS = [*RUN_COLUMNS, *[c for m in METRICS.values() for c in m.columns], *SAMPLING_COLUMNS]
+FLUID = {"token_kind": "kl", "order": "random"}  # Fluid (Fan et al. 2024) on the study's two axes
 # The paper's numbers the findings are compared against (REFERENCE.md, "The study").
 PAPER_R_LOSS_FID, PAPER_R_LOSS_GENEVAL = 0.917, -0.931
 
@@ -43,6 +44,11 @@ def _study_axes(variant: str) -> tuple[str, str]:
 
     order_cls, head_cls = VARIANTS[variant]
     return head_cls.token_kind, order_cls.kind
+
+
+def is_fluid(table: pd.DataFrame) -> pd.Series:
+    """Rows of Fluid, the paper's model: continuous tokens in random order (its values on the study's two axes)."""
+    return (table[list(FLUID)] == pd.Series(FLUID)).all(axis=1)
 
 
 def collect_run(run: Path) -> dict[str, Any]:
@@ -186,7 +192,7 @@ def findings(table: pd.DataFrame, fits: dict[str, PowerLawFit]) -> list[tuple[st
 def _fluid_best(table: pd.DataFrame) -> tuple[str, str, str]:
     """kl-random ("Fluid") best at the largest size measured by all, and improving from smallest to largest."""
     title = "Random order + continuous tokens (Fluid) is the best variant and keeps improving with size"
-    fluid = table[(table["token_kind"] == "kl") & (table["order"] == "random")].sort_values("params")
+    fluid = table[is_fluid(table)].sort_values("params")
     if fluid.empty:
         return title, "not measured", "no kl-random runs"
     checks, notes = [], []
@@ -196,8 +202,8 @@ def _fluid_best(table: pd.DataFrame) -> tuple[str, str, str]:
         at = table[table["size"] == largest].dropna(subset=[metric]) if largest else table.iloc[:0]
         if len(at) > 1:
             best = at.loc[(sign * at[metric]).idxmax()]
-            is_fluid = (at["token_kind"] == "kl") & (at["order"] == "random")
-            checks.append(bool(is_fluid.any()) and (sign * at.loc[is_fluid, metric]).max() >= sign * best[metric])
+            fluid_at = is_fluid(at)
+            checks.append(bool(fluid_at.any()) and (sign * at.loc[fluid_at, metric]).max() >= sign * best[metric])
             notes.append(f"best {metric} at {largest}: {best['variant']} ({best[metric]:.3f})")
         series = fluid[metric].dropna()
         if len(series) >= 2:
@@ -211,7 +217,7 @@ def _correlations(table: pd.DataFrame) -> tuple[str, str, str]:
     """Validation loss against FID and GenEval across the kl-random sizes (paper: r = 0.917 and -0.931)."""
     title = (f"Validation loss predicts quality: r(loss, FID) > 0 and r(loss, GenEval) < 0 across kl-random sizes "
              f"(paper: {PAPER_R_LOSS_FID} and {PAPER_R_LOSS_GENEVAL})")
-    fluid = table[(table["token_kind"] == "kl") & (table["order"] == "random")]
+    fluid = table[is_fluid(table)]
     r_fid = pearson_r(fluid["val_loss"], fluid["fid"])
     r_gen = pearson_r(fluid["val_loss"], fluid["geneval_overall"])
     measured = [r for r in (r_fid, r_gen) if not math.isnan(r)]

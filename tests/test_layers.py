@@ -95,3 +95,37 @@ def test_eval_imports_nothing_of_the_runner():
     wrong = [(m, d) for m, deps in import_graph().items() if m.startswith("eval")
              for d in deps if d.startswith(RUNNER)]
     assert not wrong, wrong
+
+
+# Layers from the bottom (docs/design.md): a module imports only from its own layer or the ones below it.
+LAYERS = [
+    ("base", ("harness.errors", "harness.atomic", "harness.hashing", "harness.devices", "harness.schema",
+              "eval.geneval_rules")),
+    ("models", ("variants",)),
+    ("data and runs", ("harness.config", "harness.checkpoint", "harness.data", "harness.cache", "harness.runs")),
+    ("measures", ("eval",)),
+    ("runner", ("harness",)),
+]
+
+
+def layer(module: str) -> int:
+    """The index of the first layer whose prefixes match `module` (so eval.geneval_rules is base, not measures)."""
+    return next(i for i, (_, prefixes) in enumerate(LAYERS)
+                if any(module == p or module.startswith(p + ".") for p in prefixes))
+
+
+def test_imports_point_down_the_layers():
+    wrong = [f"{m} ({LAYERS[layer(m)][0]}) imports {d} ({LAYERS[layer(d)][0]})"
+             for m, deps in import_graph().items() for d in deps if layer(d) > layer(m)]
+    assert not wrong, wrong
+
+
+def test_the_harness_never_asks_which_kind_of_tokens_or_data_it_has():
+    """Behaviour that differs by token kind or data kind lives on the objects (the tokenizer's token layout in
+    the cache, the head, harness.data.profile), not in string comparisons."""
+    import re
+
+    test = re.compile(r"""[!=]=\s*["'](vq|kl|shapes)["']|["'](vq|kl|shapes)["']\s*[!=]=""")
+    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}" for path in sorted((ROOT / "harness").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if test.search(line)]
+    assert not found, found
