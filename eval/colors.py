@@ -4,7 +4,8 @@ GenEval (evaluation/evaluate_images.py) composites each object's mask over a #99
 box, and classifies the crop zero-shot with CLIP ViT-L/14 (OpenAI weights) over its 10 colours, each colour's
 text embedding the normalised mean of three normalised template embeddings (clip_benchmark's
 `zero_shot_classifier`). open_clip >= 2.29 builds `ViT-L-14` with GELU even for the OpenAI weights, which were
-trained with QuickGELU, so we name `ViT-L-14-quickgelu` (REFERENCE.md).
+trained with QuickGELU, so we name `ViT-L-14-quickgelu` (open_clip builds `ViT-L-14` with plain GELU and
+only warns when given the OpenAI weights).
 """
 from __future__ import annotations
 

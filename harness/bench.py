@@ -30,7 +30,7 @@ from torch import nn
 from harness.errors import FluidbenchError
 
 FORMAT = 1
-OUTSIDE_TARGET, KV_TARGET = 0.10, 5.0  # docs/benchmarks.md, issue 8
+OUTSIDE_TARGET, KV_TARGET = 0.10, 5.0  # docs/benchmarks.md, "Targets"
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s); the first name found in the device name wins.
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0)]
 CAPTIONS = ["a red circle", "a blue square to the left of a green triangle", "two yellow stars",
@@ -576,7 +576,7 @@ def kv_cache_summary(kv_rows: list[dict]) -> dict:
 
 
 def check_targets(doc: dict) -> dict:
-    """The targets of issue 8, checked on the measured numbers."""
+    """The targets of docs/benchmarks.md, checked on the measured numbers."""
     runs = [(f"{r['setting']} {r['variant']} {g}", m) for r in doc["results"] for g, m in r["sample"].items()]
     runs += [(f"{r['setting']} {r['variant']} kv {k}", r[k]) for r in doc["kv_cache"]
              for k in ("with_cache", "without_cache")]

@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, the learning-rate schedule, gradient clipping and the EMA (REFERENCE.md, "Training recipe")."""
+    """AdamW, the learning-rate schedule, gradient clipping and the EMA: MAR's recipe (LTH14/mar, main_mar.py)."""
     lr: float = 0.0                 # 0 = base_lr * batch_size / 256 (MAR); set it directly for the CPU ladder
     base_lr: float = 1e-4
     beta1: float = 0.9

@@ -2,8 +2,9 @@
 
 `collect_runs(SWEEP)` reads every run folder (config.json, summary.json, eval/<metric>.json) into one row per
 run; `write_table` stores it as runs.csv and runs.parquet; `write_report(SWEEP)` fits the power laws, draws the
-plots (harness/plots.py) and writes report.md, which checks each of the paper's findings (REFERENCE.md,
-"The study") on the measured runs. Everything here reads files only, so a report can be rebuilt anywhere.
+plots (harness/plots.py) and writes report.md, which checks each of the paper's findings (Fan et al. 2024, arXiv
+2410.13863: the four variants' loss power laws, FID by token kind, GenEval by order, Fluid best) on the
+measured runs. Everything here reads files only, so a report can be rebuilt anywhere.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ RUN_COLUMNS = ["run", "variant", "size", "token_kind", "order", "params", "train
                "val_loss"]
 COLUMNS = [*RUN_COLUMNS, *[c for m in METRICS.values() for c in m.columns], *SAMPLING_COLUMNS]
 FLUID = {"token_kind": "kl", "order": "random"}  # Fluid (Fan et al. 2024) on the study's two axes
-# The paper's numbers the findings are compared against (REFERENCE.md, "The study").
+# The paper's numbers the findings are compared against: its loss-FID and loss-GenEval correlations across
+# the Fluid sizes (Fan et al. 2024).
 PAPER_R_LOSS_FID, PAPER_R_LOSS_GENEVAL = 0.917, -0.931
 
 

@@ -32,7 +32,7 @@ def test_round_trip_shapes_at_32(kind):
         assert tokens.shape == (3, 64, 4) and tokens.dtype == torch.float32 and tok.token_dim == 4
         mean, std = tok.encode_moments(x)
         assert torch.equal(mean, tokens) and (std > 0).all()
-        # the log-variance starts at -10: samples are not swamped by unit noise (REFERENCE.md)
+        # the log-variance starts at -10: samples are not swamped by unit noise (variants/tokenizer_train.py)
         assert std.max() < 0.05
     out = tok.decode(tokens)
     assert out.shape == (3, 3, 32, 32) and out.min() >= -1 and out.max() <= 1

@@ -30,7 +30,7 @@ class CategoricalHead(nn.Module):
 
     token_kind = "vq"
     batch_mul = 1  # rows per token in the loss
-    decay_weights = True  # AdamW weight decay on the projection (REFERENCE.md recipe)
+    decay_weights = True  # AdamW weight decay on the projection (MAR's recipe)
 
     def __init__(self, width: int, vocab_size: int, top_k: int | None = None):
         super().__init__()

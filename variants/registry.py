@@ -20,7 +20,7 @@ from variants.variant import Variant
 VARIANTS = {"vq-raster": (RasterOrder, CategoricalHead), "vq-random": (RandomOrder, CategoricalHead),
             "kl-raster": (RasterOrder, DiffusionHead), "kl-random": (RandomOrder, DiffusionHead)}
 
-# Paper appendix: (cfg scale, temperature) per variant (REFERENCE.md, guidance and temperature)
+# Paper appendix (Fan et al. 2024): (cfg scale, temperature) per variant
 GUIDANCE = {"kl-random": (5.0, 0.975), "kl-raster": (4.5, 0.975), "vq-random": (1.6, 1.05), "vq-raster": (2.5, 0.95)}
 
 
@@ -36,7 +36,8 @@ class Rung:
 
 
 LADDERS = {
-    # Fluid's appendix; a 6-block aligner and a 6-block diffusion MLP at the backbone width (REFERENCE.md)
+    # Fluid's appendix; a 6-block aligner and a 6-block diffusion MLP at the backbone width: a decomposition
+    # that fits the paper's parameter counts within a few percent (the paper does not state it)
     "paper": [Rung("166M", 12, 768, 12), Rung("369M", 16, 1024, 16), Rung("665M", 20, 1280, 16),
               Rung("1.1B", 24, 1536, 16), Rung("3.1B", 32, 2304, 24), Rung("10.5B", 34, 4096, 64)],
     # The embedded sweep on a 2-core CPU at 64 tokens: ~0.1M to ~4M parameters (x40)

@@ -174,7 +174,7 @@ class Variant(nn.Module):
 
     def no_weight_decay(self, name: str) -> bool:
         """True for biases, norms, embeddings (token, position, start/mask, null text, the latent input
-        projection) and the whole diffusion head: MAR's recipe (REFERENCE.md, training recipe)."""
+        projection) and the whole diffusion head: MAR's recipe (LTH14/mar, util/misc.py add_weight_decay)."""
         p = self.get_parameter(name)
         group = self.param_group(name)
         return p.ndim < 2 or group == "embeddings" or (group == "head" and not self.head.decay_weights)
