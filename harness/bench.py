@@ -105,9 +105,9 @@ def bench_config(size: str = "cpu-s", *, ladder: str = "cpu", quick: bool = Fals
 # ---- clocks, memory, machine ---------------------------------------------------------------------------------
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from harness.devices import default_device
+
+    return default_device(name)
 
 
 class Clock:
@@ -226,7 +226,9 @@ def _throughput(flops_per_s: float, device: torch.device, cfg: "BenchConfig") ->
 
 
 def _bf16(cfg: "BenchConfig", device: torch.device) -> bool:
-    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    from harness.devices import autocast_dtype
+
+    return autocast_dtype(cfg.dtype, device) is not None  # the training loop's rule
 
 
 # ---- probes: forward passes and head evaluations counted, time split by component -----------------------------
@@ -312,13 +314,12 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
     from harness.cache import CachedSplit
     from harness.config import RunConfig
     from harness.devices import to_device
-    from harness.train import EMA, EpochSampler, train_step, weight_decay_groups
+    from harness.train import EMA, EpochSampler, make_optimizer, train_step
 
     run = RunConfig.from_overrides({"train.batch_size": setting.train_batch, "train.seed": cfg.seed})
     use_bf16 = _bf16(cfg, device)
     model = variant.train()
-    optimizer = torch.optim.AdamW(weight_decay_groups(variant, run.optim.weight_decay), lr=run.lr(),
-                                  betas=(run.optim.beta1, run.optim.beta2), weight_decay=0.0, fused=True)
+    optimizer = make_optimizer(run, variant)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = EMA(params)
     # as train.py: loss draws on the device, KL token samples on the host where the cache lives

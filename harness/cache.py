@@ -259,8 +259,12 @@ class CachedSplit(torch.utils.data.Dataset):
     @classmethod
     def open(cls, cfg, split: str, tokenizer, text_encoder, *, progress: bool = True) -> "CachedSplit":
         """The cache of a run config's split ("train" / "val" name cfg.data.train_split / val_split)."""
+        from harness.data import open_dataset
+
         kind, path, name, n = cfg.data.source(split)
-        dataset = open_dataset(kind, path, name, n)
+        if not path:
+            raise FluidbenchError("config data.path is empty: point it at a data set (e.g. `fluidbench data shapes`)")
+        dataset = open_dataset(kind, path, name, n=n)
         root = cfg.data.cache_dir or default_cache_root(path)
         data = dict(kind=kind, **data_fingerprint(path), **({"sample": n} if n else {}))
         return cls.ensure(root, data, name, dataset, tokenizer, text_encoder, progress=progress)
@@ -276,12 +280,3 @@ def default_cache_root(data_path: str | os.PathLike) -> Path:
     if p.is_dir() and os.access(p, os.W_OK):
         return p / "cache"
     return Path(os.environ.get("FLUIDBENCH_CACHE", "~/.cache/fluidbench")).expanduser()
-
-
-def open_dataset(kind: str, path: str, split: str, n: int | None = None):
-    """The (image, caption) data set behind a cache (n: a sample of that many, as harness.data.open_dataset)."""
-    if not path:
-        raise FluidbenchError("config data.path is empty: point it at a data set (e.g. `fluidbench data shapes`)")
-    from harness.data import open_dataset as open_data
-
-    return open_data(kind, path, split, n=n)

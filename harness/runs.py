@@ -13,6 +13,7 @@ from torch import nn
 
 from harness.checkpoint import load_latest
 from harness.config import RunConfig
+from harness.devices import default_device
 from harness.errors import FluidbenchError
 
 
@@ -102,7 +103,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
     if found is None:
         raise FluidbenchError(f"{run}: no readable checkpoint in {run / 'checkpoints'}")
     state, path = found
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     tokenizer = load_tokenizer(cfg, device)
     text_encoder = load_text_encoder(cfg, device)
     variant = build_model(cfg, tokenizer, text_encoder.dim)

@@ -15,9 +15,9 @@ import typer
 from harness.errors import FluidbenchError
 
 def _device(device: str) -> str:
-    import torch
+    from harness.devices import default_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return str(default_device(device))
 
 
 def _extractor(name: str, inception_weights: Optional[Path], features: Optional[Path], device: str):

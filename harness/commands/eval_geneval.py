@@ -20,14 +20,14 @@ def geneval_score(
     batch_size: Annotated[int, typer.Option(help="Images per detector call.")] = 8,
 ) -> None:
     """Score an existing GenEval image folder; write DIR/results.jsonl and DIR/summary.json."""
-    import torch
-
     from eval.colors import load_clip_colors
     from eval.detectors import load_detector
     from eval.geneval import needs_colors, score_folder
     from eval.geneval_folder import iter_prompt_folders
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from harness.devices import default_device
+
+    device = str(default_device(device))
     found = load_detector(detector, detector_path, device=device)
     colors = None
     if not found.colors and needs_colors([meta for _, meta, _ in iter_prompt_folders(images)]):

@@ -64,8 +64,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from harness.atomic import write_json
-        from harness.cache import open_dataset
-        from harness.data import profile
+        from harness.data import open_dataset, profile
         from harness.tokenizer_folder import evaluate_reconstruction
         from variants.tokenizers import load_tokenizer
 
