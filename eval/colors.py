@@ -9,6 +9,7 @@ only warns when given the OpenAI weights).
 """
 from __future__ import annotations
 
+import pickle
 import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -121,7 +122,8 @@ class ClipColors(ColorClassifier):
 
 
 def _is_torchscript(path: Path) -> bool:
-    """OpenAI's own ViT-L-14.pt is a TorchScript archive, which torch.load refuses with weights_only=True."""
+    """OpenAI's own ViT-L-14.pt is a TorchScript archive, which torch.load refuses with weights_only=True.
+    Only decides whether to refuse or (when asked for) allow the unsafe path; a state dict never takes it."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as zf:
@@ -129,7 +131,7 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def load_clip_colors(path: str | Path | None = None, arch: str = CLIP_ARCH,
-                     device: str = "cpu") -> ClipColors:
+                     device: str = "cpu", torchscript: bool = False) -> ClipColors:
     """GenEval's CLIP colour classifier from local weights, or open_clip's own download location.
 
     Args:
@@ -139,6 +141,9 @@ def load_clip_colors(path: str | Path | None = None, arch: str = CLIP_ARCH,
             fetches `arch` + "openai" into its cache (needs internet the first time).
         arch: the open_clip architecture for a weights file.
         device: where the model runs.
+        torchscript: allow a TorchScript archive (OpenAI's ViT-L-14.pt). Loading one unpickles it and runs its
+            code, so a file from elsewhere could run anything: it is refused unless asked for here. Everything
+            else loads with `weights_only=True` or from safetensors.
     """
     import open_clip
     model_name, pretrained, weights_only = arch, CLIP_PRETRAINED, True
@@ -156,11 +161,18 @@ def load_clip_colors(path: str | Path | None = None, arch: str = CLIP_ARCH,
             raise FluidbenchError(f"{path}: CLIP weights not found (expected a {arch} weights file or folder, "
                                   f"e.g. OpenAI's ViT-L-14.pt)")
         if path.is_file():
-            pretrained, weights_only = str(path), not _is_torchscript(path)
+            pretrained = str(path)
+            if _is_torchscript(path):
+                if not torchscript:
+                    raise FluidbenchError(f"{path}: a TorchScript archive (as OpenAI's ViT-L-14.pt); loading one "
+                                          "runs the code it holds, so it is refused unless asked for "
+                                          "(`eval geneval-score --clip-torchscript`); or use open_clip's "
+                                          "safetensors, e.g. timm/vit_large_patch14_clip_224.openai")
+                weights_only = False
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, weights_only=weights_only)
-    except (RuntimeError, OSError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         where = path if path is not None else f"open_clip's cache ({arch}, {CLIP_PRETRAINED})"
         raise FluidbenchError(f"could not load CLIP weights from {where}: {' '.join(str(e).split())[:300]} "
                               "(pass --clip-path to a local ViT-L-14.pt or open_clip folder)") from None

@@ -236,8 +236,12 @@ class MMDetDetector(Detector):
     colors = False
 
     def __init__(self, path: str | Path, config: str | Path | None = None, device: str = "cpu"):
+        """`config`: an mmdet config file, which mmcv executes as Python: only one the caller names as code;
+        by default the copy installed with mmdet, never a file found beside the checkpoint."""
         try:
             import mmdet
+            import torch
+            from mmcv.runner import load_state_dict
             from mmdet.apis import inference_detector, init_detector
         except ImportError:
             raise FluidbenchError(f"the mmdet detector needs mmdet 2.x and mmcv-full (not installed): "
@@ -246,15 +250,18 @@ class MMDetDetector(Detector):
         if not checkpoint.is_file():
             raise FluidbenchError(f"{checkpoint}: GenEval's detector checkpoint not found (download it as "
                                   f"evaluation/download_models.sh in djghosh13/geneval does, named {MMDET_CHECKPOINT})")
-        if config is None:
-            mmdet_dir = Path(mmdet.__file__).parent
-            candidates = [checkpoint.parent / MMDET_CONFIG, mmdet_dir / ".mim/configs/mask2former" / MMDET_CONFIG,
-                          mmdet_dir.parent / "configs/mask2former" / MMDET_CONFIG]
-            config = next((c for c in candidates if c.is_file()), None)
-            if config is None:
-                raise FluidbenchError(f"{MMDET_CONFIG} not found beside the checkpoint or in mmdet's configs")
+        config = config or mmdet_config(Path(mmdet.__file__).parent)
         self._inference = inference_detector
-        self.model = init_detector(str(config), str(checkpoint), device=device)
+        # mmcv's load_checkpoint would torch.load the file its own way; read it as weights only, then hand
+        # mmcv the tensors (its load_state_dict also strips DataParallel's "module." prefixes, as it would)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle, zip or torch errors, whichever the damage
+            raise FluidbenchError(f"{checkpoint}: not a weights-only mmdet checkpoint "
+                                  f"({' '.join(str(e).split())[:200]})") from None
+        self.model = init_detector(str(config), None, device="cpu")
+        load_state_dict(self.model, state.get("state_dict", state) if isinstance(state, dict) else state)
+        self.model.to(device)
         self.class_names = tuple(geneval_object_names())
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
@@ -270,6 +277,17 @@ class MMDetDetector(Detector):
                     dets.append(Detection(name, float(row[4]), tuple(float(v) for v in row[:4]), mask))
             results.append(dets)
         return results
+
+
+def mmdet_config(mmdet_dir: Path) -> Path:
+    """GenEval's Mask2Former config as installed with mmdet (package code, like mmdet itself)."""
+    candidates = [mmdet_dir / ".mim/configs/mask2former" / MMDET_CONFIG,
+                  mmdet_dir.parent / "configs/mask2former" / MMDET_CONFIG]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise FluidbenchError(f"{MMDET_CONFIG} not found in mmdet's configs ({candidates[0].parent}): install "
+                              f"mmdet with its configs ({MMDET_INSTALL})")
+    return found
 
 
 def load_detector(name: str, path: str | Path | None = None, device: str = "cpu") -> Detector:

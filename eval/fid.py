@@ -10,8 +10,10 @@ filter, resolution, extractor, weights checksum), so a changed setting can never
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,10 +78,18 @@ class InceptionFeatures:
         path = inception_weights_path(weights)
         self.checksum = sha256_file(path)
         try:
-            self.net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=str(path))
-        except (RuntimeError, KeyError, EOFError) as e:
+            # torch-fidelity would torch.load(weights_only=False) the file itself, which runs any pickled code
+            # it holds: we read it with weights_only=True and hand the library our re-serialised tensors
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise KeyError("expected a flat dict of tensors")
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            buffer.seek(0)
+            self.net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=buffer)
+        except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
             raise FluidbenchError(f"{path}: not a torch-fidelity InceptionV3 state dict "
-                                  f"({str(e).splitlines()[0][:200]})") from None
+                                  f"({' '.join(str(e).split())[:200]})") from None
         self.net.to(device)
 
     @torch.no_grad()

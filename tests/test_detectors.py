@@ -208,7 +208,10 @@ def test_tiny_clip_file_loads_for_a_named_architecture(clip_dir, tmp_path):
                                  strict=False, check_trace=False)
     (tmp_path / "openai").mkdir()
     traced.save(str(tmp_path / "openai" / "ViT-L-14.pt"))
-    from_archive = load_clip_colors(tmp_path / "openai", arch="fluidbench-tiny-clip")
+    # loading TorchScript runs the archive's code: refused unless asked for
+    with pytest.raises(FluidbenchError, match="TorchScript archive"):
+        load_clip_colors(tmp_path / "openai", arch="fluidbench-tiny-clip")
+    from_archive = load_clip_colors(tmp_path / "openai", arch="fluidbench-tiny-clip", torchscript=True)
     archive_weights = from_archive.model.state_dict()
     assert all(torch.equal(v, archive_weights[k]) for k, v in from_file.model.state_dict().items())
     with pytest.raises(FluidbenchError, match="not found"):

@@ -16,6 +16,9 @@ def geneval_score(
                                                           "or the folder holding GenEval's mmdet checkpoint.")] = None,
     clip_path: Annotated[Optional[Path], typer.Option(help="Local CLIP ViT-L/14 (OpenAI) weights for colour clauses; "
                                                       "default: open_clip's cache.")] = None,
+    clip_torchscript: Annotated[bool, typer.Option(help="Allow --clip-path to be a TorchScript archive (OpenAI's "
+                                                   "ViT-L-14.pt): loading one runs the code inside it, so only "
+                                                   "for a file you trust.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per detector call.")] = 8,
 ) -> None:
@@ -31,7 +34,7 @@ def geneval_score(
     found = load_detector(detector, detector_path, device=device)
     colors = None
     if not found.colors and needs_colors([meta for _, meta, _ in iter_prompt_folders(images)]):
-        colors = load_clip_colors(clip_path, device=device)
+        colors = load_clip_colors(clip_path, device=device, torchscript=clip_torchscript)
     summary = score_folder(images, found, colors, batch_size=batch_size)
     tasks = " ".join(f"{tag}={summary[tag]:.3f}" for tag in summary["tasks"])
     label = "" if summary["comparable_to_published"] else " (not comparable to published GenEval)"
