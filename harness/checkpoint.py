@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict of tensors and Python values (model, ema, optimizer, schedule, step, data
 position, RNG states, config), so it loads with `torch.load(weights_only=True)`. Beside each file a
-`.sha256` records its digest: torch.load notices a truncated file but not flipped bytes, the digest does.
-A checkpoint that fails either check is reported, renamed to `*.corrupt`, and the previous one is used.
+`.sha256` records its digest: torch.load notices a truncated file but not flipped bytes, the digest does, so
+a checkpoint without one is not trusted. A checkpoint that fails either check is reported, renamed to
+`*.corrupt`, and the previous one is used.
 """
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     path = Path(path)
     digest = _digest_path(path)
-    if verify and digest.is_file():
+    if verify:
+        if not digest.is_file():
+            raise ValueError(f"checkpoint {path}: its digest {digest.name} is missing (written before every "
+                             "checkpoint), so its bytes cannot be verified")
         expected = digest.read_text().strip()
         if sha256_file(path) != expected:
             raise ValueError(f"checkpoint {path}: sha256 does not match {digest.name} (corrupted or truncated)")
@@ -91,6 +95,16 @@ def load_latest(run_dir: str | os.PathLike, map_location: str | torch.device = "
                 path.rename(path.with_name(path.name + ".corrupt"))
                 _digest_path(path).unlink(missing_ok=True)
     return None
+
+
+def remove_temporaries(run_dir: str | os.PathLike) -> None:
+    """Delete the temporary files of atomic writes that a killed process left in RUN and RUN/checkpoints
+    (`.NAME.XXXX.tmp`, harness.atomic's naming). Only for the process that holds the run's lock."""
+    for folder in (Path(run_dir), checkpoint_dir(run_dir)):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                if tmp.is_file():
+                    tmp.unlink(missing_ok=True)
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:

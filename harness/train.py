@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +22,8 @@ from torch import nn
 
 from harness import distributed as D
 from harness.atomic import append_jsonl, read_jsonl, write_json, write_text
-from harness.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from harness.checkpoint import (list_checkpoints, load_latest, remove_temporaries, rng_state, save_checkpoint,
+                                set_rng_state)
 from harness.config import RunConfig, diff, flatten
 from harness.devices import autocast_dtype as choose_autocast, to_device
 from harness.errors import FluidbenchError
@@ -30,20 +31,56 @@ from harness.errors import FluidbenchError
 # Settings a resumed run may change: its length, its logging, and how it is spread over devices.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.ckpt_every", "train.keep_last",
                      "dist.", "data.cache_dir")
+# `fluidbench train`'s exit status after a SIGTERM/SIGUSR1 stop with its checkpoint saved: sysexits.h's
+# EX_TEMPFAIL ("a temporary failure; the user is invited to retry"), so `train && eval` does not evaluate an
+# unfinished run and a batch script can requeue on exactly this status (docs/cluster.md).
+EXIT_INTERRUPTED = 75
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train (or resume) the run in cfg.out; returns the summary (also written to RUN/summary.json).
 
     Interrupted by SIGTERM/SIGUSR1, it saves a checkpoint and returns {"status": "interrupted", ...}
-    without a summary.json; the same call resumes it.
+    without a summary.json; the same call resumes it (the CLI then exits with EXIT_INTERRUPTED).
     """
     cfg.validate()
     info = D.init_distributed()
     try:
-        return _train(cfg, info)
+        with run_lock(Path(cfg.out)) if info.is_main else nullcontext():
+            return _train(cfg, info)
     finally:
         D.shutdown()
+
+
+@contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """An exclusive lock on RUN held while training in it: a second trainer on the same folder (by any
+    spelling of its path) stops with one line naming the holder, instead of both appending to its files."""
+    import fcntl
+    import os
+    import socket
+
+    if run.exists() and not run.is_dir():
+        raise FluidbenchError(f"config out={run}: a file, not a run folder")
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = " ".join(f.read().split()) or "another process"
+            raise FluidbenchError(f"{run} is being trained by {holder} (lock {path}): wait for it, or stop it "
+                                  "first") from None
+        except OSError:
+            pass  # a file system without flock: run unlocked
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
 
 
 def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
@@ -54,19 +91,23 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     batch_per_rank = D.per_rank_batch(cfg.train.batch_size, info)
     check_names(cfg)
     run = Path(cfg.out)
-    _check_resume_config(run, cfg)
+    if info.is_main:
+        remove_temporaries(run)  # of writes a killed trainer left (we hold the run's lock)
+    resuming = _has_progress(run)
+    if resuming:  # a run with nothing saved yet takes the new settings: a corrected command after a failure
+        _check_resume_config(run / "config.json", cfg)
     tokenizer = load_tokenizer(cfg, info.device)
     check_token_kind(cfg, tokenizer)
     text_encoder = load_text_encoder(cfg, info.device)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
     variant = build_model(cfg, tokenizer, text_encoder.dim).to(info.device)
-    if info.is_main:
-        write_json(run / "config.json", cfg.to_dict())  # before step 0
 
     # ---- cached inputs (built once, on the main process) ----
     if info.is_main:
         train_data = open_split(cfg, "train", tokenizer, text_encoder)
         val_data = open_split(cfg, "val", tokenizer, text_encoder)
+        # the first file of the run, once every input has been read: bad input leaves it free to rerun
+        write_json(run / "config.json", cfg.to_dict())
     D.barrier()
     if not info.is_main:
         train_data = open_split(cfg, "train", tokenizer, text_encoder)
@@ -90,11 +131,15 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     # ---- resume ----
     step, wall_before, last_ckpt = 0, 0.0, None
     found = load_latest(run) if info.is_main else None  # the main process sets corrupt files aside first
+    if info.is_main and found is None and resuming:
+        raise FluidbenchError(f"{run}: has results but no readable checkpoint (corrupt ones set aside as "
+                              f"{run / 'checkpoints'}/*.corrupt); not starting over them: use a new --out")
     D.barrier()
     if not info.is_main:  # the newest file is now the one the main process verified: no second digest
         found = load_latest(run, quarantine=False, verify=False)
     if found is not None:
         state, last_ckpt = found
+        _check_resume_config(last_ckpt, cfg, state["config"])  # also when config.json was lost
         D.load_model_state_dict(model, state["ema"])
         ema.copy_from(params)
         D.load_model_state_dict(model, state["model"])
@@ -108,12 +153,13 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
             print(f"resuming with {info.world_size} processes, saved with {len(ranks)}: the loss generators "
                   "restart from their seeds (the data order is still exact)", file=sys.stderr)
         if info.is_main:
-            # rows logged after this checkpoint belong to the lost future: drop them
-            rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] <= step] \
-                if (run / "metrics.jsonl").exists() else []
-            write_text(run / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
             print(f"resuming {run} from {last_ckpt.name}", file=sys.stderr)
         del state
+    if info.is_main and (run / "metrics.jsonl").exists():
+        # rows logged after the resumed step (step 0 when nothing was saved) belong to a lost future: drop them
+        keep_to = step if found is not None else -1
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step", 0) <= keep_to]
+        write_text(run / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     if step > cfg.train.steps:
         raise FluidbenchError(f"{run} is already at step {step}, past train.steps={cfg.train.steps}")
     if step == cfg.train.steps and (run / "summary.json").exists():
@@ -129,6 +175,12 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
         return loss
 
     def save(status: str) -> Path | None:
+        # the loss is checked before a step's update and the weights saved after it: check what is saved
+        bad = torch.stack([~torch.isfinite(_local(t)).all() for t in (*params, *ema.shadow)]).any().float()
+        if D.all_reduce(bad.reshape(1), op="max").item():
+            where = f"; last good checkpoint {last_ckpt or 'none'} kept" if info.is_main else ""
+            raise FluidbenchError(f"weights are not finite at step {step} (lr {learning_rate(cfg, step):.3g}): "
+                                  f"not saved, stopped{where}")
         with ema.swapped_in(params):
             ema_state = D.model_state_dict(model)
         state = dict(model=D.model_state_dict(model), ema=ema_state,
@@ -385,18 +437,39 @@ class _StopSignal:
         return self.signum is not None
 
 
-def _check_resume_config(run: Path, cfg: RunConfig) -> None:
-    """An existing RUN is resumed only with the settings it was started with (length and logging may change)."""
-    path = run / "config.json"
-    if not path.exists():
-        return
-    saved = RunConfig.from_dict(json.loads(path.read_text()))
-    changed = [k for k in diff(saved, cfg) if not k.startswith(RESUMABLE_CHANGES)]
+def _has_progress(run: Path) -> bool:
+    """Whether RUN holds results to resume or protect: a checkpoint (good or set aside) or a summary."""
+    folder = run / "checkpoints"
+    return bool(list_checkpoints(run)) or (run / "summary.json").exists() or \
+        (folder.is_dir() and any(folder.glob("step_*.pt.corrupt")))
+
+
+def _check_resume_config(path: Path, cfg: RunConfig, saved: dict | None = None) -> None:
+    """A run is resumed only with the settings it was started with (length and logging may change), as
+    recorded in `path` (RUN/config.json) or `saved` (the config stored in a checkpoint). `out` is not compared:
+    the folder is the same one, however its path is spelled."""
+    if saved is None:
+        if not path.exists():
+            return
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FluidbenchError(f"{path}: not valid JSON ({e}): restore it, or use a new --out") from None
+    try:
+        before_cfg = RunConfig.from_dict(saved)
+    except FluidbenchError as e:
+        raise FluidbenchError(f"{path}: {e}") from None
+    changed = [k for k in diff(before_cfg, cfg) if k != "out" and not k.startswith(RESUMABLE_CHANGES)]
     if changed:
         k = changed[0]
-        before, now = flatten(saved.to_dict()).get(k), flatten(cfg.to_dict()).get(k)
+        before, now = flatten(before_cfg.to_dict()).get(k), flatten(cfg.to_dict()).get(k)
         raise FluidbenchError(f"{path} has {k}={before!r} but this run asks for {now!r}: "
                               "use a new --out, or the same settings to resume")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a (possibly FSDP2-sharded) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _progress(total: int, initial: int, enabled: bool):

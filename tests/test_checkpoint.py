@@ -70,3 +70,27 @@ def test_other_ranks_skip_the_digest_the_main_rank_checked(tmp_path):
         load_checkpoint(path)
     unverified = load_checkpoint(path, verify=False)["model"]
     assert all(torch.equal(unverified[k], weights[k]) for k in weights)
+
+
+def test_a_checkpoint_without_its_digest_is_not_trusted(tmp_path):
+    """Flipped bytes go unnoticed by torch.load: with the digest deleted too, the file must not be loaded."""
+    for step in (1, 2):
+        save_checkpoint(tmp_path, _state(step), keep_last=3)
+    newest = list_checkpoints(tmp_path)[-1]
+    newest.with_name(newest.name + ".sha256").unlink()
+    with pytest.raises(ValueError, match=r"step_00000002\.pt: its digest step_00000002\.pt\.sha256 is missing"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="falling back"):
+        state, path = load_latest(tmp_path)
+    assert state["step"] == 1
+
+
+def test_temporaries_of_killed_writes_are_removed(tmp_path):
+    from harness.checkpoint import remove_temporaries
+
+    path = save_checkpoint(tmp_path, _state(1), keep_last=1)
+    stale = [path.parent / ".step_00000002.pt.k2j3h4.tmp", tmp_path / ".config.json.x8y9.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    remove_temporaries(tmp_path)
+    assert not any(p.exists() for p in stale) and path.exists()

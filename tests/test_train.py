@@ -16,7 +16,7 @@ import torch
 from harness.checkpoint import list_checkpoints, load_checkpoint
 from harness.config import RunConfig
 from harness.errors import FluidbenchError
-from harness.train import EpochSampler, ema_decay, learning_rate, train
+from harness.train import EXIT_INTERRUPTED, EpochSampler, ema_decay, learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,11 +165,14 @@ def test_sigterm_saves_and_exits_cleanly(inputs, reference, tmp_path):
     _wait_for_checkpoint(proc, tmp_path / "run")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
     state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
     if state["step"] < 12:  # the signal arrived before the last step: an extra, interrupted checkpoint
+        # saved, then a distinct non-zero status (EXIT_INTERRUPTED): `train && eval` must not go on
+        assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
         assert state["status"] == "interrupted" and "interrupted at step" in err
         assert not (tmp_path / "run" / "summary.json").exists()
+    else:
+        assert proc.returncode == 0, err[-2000:]
     train(RunConfig.from_overrides(values))
     _assert_same_state(load_checkpoint(list_checkpoints(tmp_path / "run")[-1]), reference["final"])
 
@@ -190,6 +193,33 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(inputs, tmp_path, monke
     with pytest.raises(FluidbenchError, match=r"train loss is nan by step 6 .*step_00000004\.pt kept"):
         train(RunConfig.from_overrides(values))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002.pt", "step_00000004.pt"]
+
+
+def test_non_finite_weights_are_never_saved_as_good(inputs, tmp_path, monkeypatch):
+    """The loss is read before a step's update, the weights saved after it: an update that overflows the
+    weights (the step's loss still finite) must not become the one checkpoint kept (keep_last 1)."""
+    import harness.train as T
+
+    calls = {"n": 0}
+    step = T.train_step
+
+    def overflowing(cfg, n, model, *args, **kwargs):
+        out = step(cfg, n, model, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(T, "train_step", overflowing)
+    values = tiny_values(inputs, tmp_path / "run", variant="vq-raster",
+                         **{"train.val_every": 0, "train.ckpt_every": 1, "train.log_every": 12, "train.keep_last": 1})
+    with pytest.raises(FluidbenchError, match=r"weights are not finite at step 5 .*step_00000004\.pt kept"):
+        train(RunConfig.from_overrides(values))
+    (kept,) = list_checkpoints(tmp_path / "run")
+    state = load_checkpoint(kept)
+    assert kept.name == "step_00000004.pt"
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values())
 
 
 @pytest.mark.parametrize("override, field", [

@@ -18,9 +18,11 @@ def train(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="key=value settings with dotted keys, e.g. optim.lr=1e-3 train.batch_size=64 dist.strategy=fsdp2."),
 ) -> None:
-    """Train one variant at one size (resolved config, metrics.jsonl, checkpoints and summary.json in --out)."""
+    """Train one variant at one size (resolved config, metrics.jsonl, checkpoints and summary.json in --out).
+
+    On SIGTERM or SIGUSR1 it saves a checkpoint and exits with status 75; the same command resumes."""
     from harness.config import apply_overrides, load_config
-    from harness.train import train as run_training
+    from harness.train import EXIT_INTERRUPTED, train as run_training
 
     flags = {"out": str(out), "model.variant": variant, "model.size": size,
              "data.path": str(data) if data else None, "tokenizer.path": str(tokenizer) if tokenizer else None,
@@ -31,8 +33,8 @@ def train(
     summary = run_training(cfg)
     if summary.get("status") == "interrupted":
         typer.echo(f"interrupted at step {summary['steps']}: checkpoint {summary['checkpoint']}; "
-                   "run the same command to resume", err=True)
-        return
+                   f"run the same command to resume (exit status {EXIT_INTERRUPTED})", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)  # not 0: `train && eval` must not evaluate an unfinished run
     if summary:
         typer.echo(f"{summary['variant']} {summary['size']}: {summary['steps']} steps, train loss "
                    f"{summary['train_loss']:.4f}, val loss {summary['val_loss']:.4f}, "
