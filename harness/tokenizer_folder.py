@@ -6,6 +6,7 @@ job; the training loop itself is variants/tokenizer_train.py. `evaluate_reconstr
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -41,6 +42,11 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
 
     data, out, o = Path(data), Path(out), options
     start = time.perf_counter()
+    _check_new_folder(out)  # before the minutes of training: the folder is never written over
+    _check_ranges({"--steps": (o.steps, 0), "--budget-s": (o.budget_s, 1e-9), "--min-steps": (o.min_steps, 0),
+                   "--grid": (o.grid, 1), "--patch": (o.patch, 1), "--codebook-size": (o.codebook_size, 2),
+                   "--latent-channels": (o.latent_channels, 1), "--batch-size": (o.batch_size, 1),
+                   "--lr": (o.lr, 1e-12), "--threads": (o.threads, 0)})
     threads = o.threads or _auto_threads()
     train_images, _ = _shapes_images(data, "train")
     val_images, val_root = _shapes_images(data, "val")
@@ -129,8 +135,25 @@ def reconstruction_fid(originals, reconstructions, extractor_name: str, weights:
     return dict(fid=fid_between(fake, real), extractor=extractor.name, n_images=real.n)
 
 
+def _check_new_folder(out: Path) -> None:
+    """`--out` must be new (or an empty folder): a tokenizer folder is written whole, never over a user's files."""
+    out = out.expanduser()
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise FluidbenchError(f"--out {out}: already exists and is not an empty folder; tokenizer train writes a "
+                              "new folder (choose another --out, or move this one away)")
+
+
+def _check_ranges(values: dict[str, tuple[float | None, float]]) -> None:
+    """Each numeric option that is set must be finite and at least its minimum: one line naming the option."""
+    for option, (value, least) in values.items():
+        if value is not None and not (math.isfinite(value) and value >= least):
+            raise FluidbenchError(f"{option}={value}: must be >= {least:g}" if least >= 1 or least == 0
+                                  else f"{option}={value}: must be a finite number > 0")
+
+
 def _write_folder(out: Path, save, metrics: dict) -> None:
-    """Write into a temporary sibling, then swap it in: a crash never leaves a half-written tokenizer folder."""
+    """Write into a temporary sibling, then rename it to OUT in one step: a crash never leaves a half-written
+    tokenizer folder, and an OUT that appeared meanwhile (a file, or a folder with files) is never replaced."""
     from harness.atomic import write_json
 
     out = out.expanduser()
@@ -140,12 +163,11 @@ def _write_folder(out: Path, save, metrics: dict) -> None:
     try:
         save(tmp)
         write_json(tmp / "metrics.json", metrics)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(out)
+        _check_new_folder(out)
+        try:
+            os.rename(tmp, out)  # replaces only an empty folder (POSIX); refuses one with files
+        except OSError as e:
+            raise FluidbenchError(f"--out {out}: cannot be written ({e.strerror}); nothing there was changed") \
+                from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-

@@ -11,7 +11,9 @@ import hashlib
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -215,7 +217,8 @@ def load_tokenizer(path: str | Path, *, image_size: int | None = None, patch: in
     """
     p = Path(path).expanduser()
     if (p / "tokenizer.json").is_file():
-        tok = _load_ours(p)
+        with _reading(p):
+            tok = _load_ours(p)
     elif p.is_dir() and not (p / "config.json").is_file():
         sub = next((p / s for s in ("vae", "vqvae") if (p / s / "config.json").is_file()), None)
         if sub is None:
@@ -223,9 +226,11 @@ def load_tokenizer(path: str | Path, *, image_size: int | None = None, patch: in
                                     f"{WHERE_FROM}")
         tok = load_tokenizer(sub, image_size=image_size, patch=patch, pixel_range=pixel_range, device=device)
     elif p.is_dir():
-        tok = _load_diffusers(p, image_size or 256, patch, pixel_range)
+        with _reading(p):
+            tok = _load_diffusers(p, image_size or 256, patch, pixel_range)
     elif p.is_file() and p.suffix in (".ckpt", ".pt", ".pth"):
-        tok = _load_ldm_kl(p, image_size or 256, patch or 1, pixel_range or "minus_one_one")
+        with _reading(p):
+            tok = _load_ldm_kl(p, image_size or 256, patch or 1, pixel_range or "minus_one_one")
     elif p.exists():
         raise ValueError(f"tokenizer path {p} is a file but not a .ckpt/.pt/.pth LDM checkpoint; {WHERE_FROM}")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # a Hugging Face repo id: its cache, downloading if online
@@ -234,6 +239,19 @@ def load_tokenizer(path: str | Path, *, image_size: int | None = None, patch: in
     else:
         raise FileNotFoundError(f"tokenizer path {p} does not exist; {WHERE_FROM}")
     return tok.to(device)
+
+
+@contextmanager
+def _reading(where: Path) -> Iterator[None]:
+    """A damaged or foreign file (truncated safetensors, malformed JSON, a missing key, a pickle that
+    weights_only refuses) becomes one ValueError naming `where`; each library raises its own types for these."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError):
+        raise  # ours, already naming the file
+    except Exception as e:  # noqa: BLE001 - json, safetensors, diffusers (OSError), torch (pickle, RuntimeError)
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"tokenizer {where}: cannot be read ({type(e).__name__}: {detail}); {WHERE_FROM}") from None
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -255,6 +273,10 @@ def _load_ours(folder: Path) -> Tokenizer:
     from diffusers import AutoencoderKL, VQModel
 
     meta = json.loads((folder / "tokenizer.json").read_text())
+    missing = [k for k in ("kind", "image_size", "pixel_range", "checksum")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{folder / 'tokenizer.json'}: missing {', '.join(missing)} (written by save_tokenizer)")
     if not (folder / "model" / "config.json").is_file():
         raise FileNotFoundError(f"{folder / 'model' / 'config.json'} is missing: the tokenizer folder is incomplete")
     if meta["kind"] == "vq":
