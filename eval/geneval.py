@@ -205,9 +205,12 @@ def needs_colors(prompts: Sequence[dict]) -> bool:
 
 def load_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 (H, W, 3) RGB (EXIF orientation applied, as the official evaluator does)."""
-    from PIL import Image, ImageOps
-    with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL's errors for foreign or damaged files
+        raise FluidbenchError(f"{path}: not a readable PNG image ({' '.join(str(e).split())[:200]})") from None
 
 
 def score_folder(images_dir: str | Path, detector: Detector, color_classifier: ColorClassifier | None = None,
@@ -229,7 +232,7 @@ def score_folder(images_dir: str | Path, detector: Detector, color_classifier: C
 
     from eval.colors import DetectionColors
     images_dir = Path(images_dir)
-    items = [(path, meta) for _, meta, paths in iter_prompt_folders(images_dir) for path in paths]
+    items = [(path, meta) for _, meta, paths in iter_prompt_folders(images_dir, strict=True) for path in paths]
     if not items:
         raise FluidbenchError(f"{images_dir}: no images found (expected <index:05d>/metadata.jsonl and "
                               "<index:05d>/samples/<n>.png)")
@@ -238,6 +241,9 @@ def score_folder(images_dir: str | Path, detector: Detector, color_classifier: C
             if key not in meta:
                 raise FluidbenchError(f"{path.parent.parent / 'metadata.jsonl'}: missing key '{key}' "
                                       "(GenEval metadata schema)")
+        if meta["tag"] not in TASKS:  # else it would become a seventh task, averaged into overall
+            raise FluidbenchError(f"{path.parent.parent / 'metadata.jsonl'}: tag {meta['tag']!r} is not a GenEval "
+                                  f"task ({', '.join(TASKS)})")
     if color_classifier is None and detector.colors:
         color_classifier = DetectionColors()
     rows = []

@@ -54,19 +54,35 @@ def write_prompt_folder(root: str | Path, index: int, metadata: dict, images: Se
     return folder
 
 
-def iter_prompt_folders(root: str | Path) -> Iterator[tuple[int, dict, list[Path]]]:
-    """Yield (index, metadata, sample paths) for each complete prompt folder, in index order."""
+def iter_prompt_folders(root: str | Path, strict: bool = False) -> Iterator[tuple[int, dict, list[Path]]]:
+    """Yield (index, metadata, sample paths) for each complete prompt folder, in index order.
+
+    Without `strict` (a generator resuming its own folder) an unfinished folder, one without metadata.jsonl
+    yet, is skipped. With it (scoring someone's images) every prompt folder must be complete: metadata.jsonl
+    and samples numbered 0.png .. (n-1).png, so a missing image is an error rather
+    than a score over fewer images (prompts may have different n)."""
     root = Path(root)
     if not root.is_dir():
         raise FluidbenchError(f"{root}: image folder not found (expected GenEval layout <index:05d>/samples/<n>.png)")
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
         meta_path = folder / "metadata.jsonl"
         if not meta_path.is_file():
+            if strict:
+                raise FluidbenchError(f"{meta_path}: missing (an incomplete prompt folder; GenEval layout "
+                                      "<index:05d>/metadata.jsonl)")
             continue
         try:
             metadata = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise FluidbenchError(f"{meta_path}: not valid JSON ({e.msg})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FluidbenchError(f"{meta_path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(metadata, dict):
+            raise FluidbenchError(f"{meta_path}: expected one JSON object (GenEval metadata schema)")
         samples = sorted((p for p in (folder / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name)),
                          key=lambda p: int(p.stem))
+        if strict:
+            numbers = [int(p.stem) for p in samples]
+            if numbers != list(range(len(numbers))) or not numbers:
+                gap = next((i for i, n in enumerate(numbers) if n != i), len(numbers))
+                raise FluidbenchError(f"{folder / 'samples' / f'{gap}.png'}: missing (samples must be 0.png .. "
+                                      f"n-1.png; found {', '.join(p.name for p in samples) or 'none'})")
         yield int(folder.name), metadata, samples

@@ -152,7 +152,7 @@ def clipscore_images(
     from eval.geneval_folder import iter_prompt_folders
     from harness.atomic import write_json
 
-    items = [(p, meta["prompt"]) for _, meta, paths in iter_prompt_folders(images) for p in paths]
+    items = [(p, meta["prompt"]) for _, meta, paths in iter_prompt_folders(images, strict=True) for p in paths]
     if not items:
         raise FluidbenchError(f"--images {images}: no <index>/samples/*.png with metadata.jsonl found")
 

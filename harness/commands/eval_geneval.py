@@ -33,7 +33,7 @@ def geneval_score(
     device = str(default_device(device))
     found = load_detector(detector, detector_path, device=device)
     colors = None
-    if not found.colors and needs_colors([meta for _, meta, _ in iter_prompt_folders(images)]):
+    if not found.colors and needs_colors([meta for _, meta, _ in iter_prompt_folders(images, strict=True)]):
         colors = load_clip_colors(clip_path, device=device, torchscript=clip_torchscript)
     summary = score_folder(images, found, colors, batch_size=batch_size)
     tasks = " ".join(f"{tag}={summary[tag]:.3f}" for tag in summary["tasks"])
