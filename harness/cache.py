@@ -154,6 +154,10 @@ def build_cache(folder: str | os.PathLike, key: dict, dataset, tokenizer, text_e
             if not items:
                 raise FluidbenchError(f"data set ended after {s} of {n} items while caching {key['split']}")
             images = torch.stack([img for img, _ in items]).float() / 127.5 - 1
+            if tuple(images.shape[-2:]) != (tokenizer.image_size,) * 2:
+                raise FluidbenchError(f"data split {key['split']!r}: images are {images.shape[-2]}x{images.shape[-1]} "
+                                      f"px but the tokenizer reads {tokenizer.image_size}x{tokenizer.image_size} "
+                                      "(config data.path and tokenizer.path disagree)")
             captions += [cap for _, cap in items]
             for name, values in LAYOUTS[kind].encode(tokenizer, images).items():
                 arrays[name][s:s + len(items)] = values

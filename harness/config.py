@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,10 @@ class RunConfig:
         for key, allowed in choices.items():
             if _get(self, key) not in allowed:
                 raise FluidbenchError(f"config {key}={_get(self, key)!r}: expected one of {', '.join(allowed)}")
+        for section in ("data", "text", "optim", "train"):  # nan passes every comparison below
+            for name, value in dataclasses.asdict(getattr(self, section)).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise FluidbenchError(f"config {section}.{name}={value}: must be a finite number")
         positive = ["train.steps", "train.batch_size", "train.log_every", "train.ckpt_every", "train.keep_last",
                     "train.val_batch_size", "text.max_length"]
         non_negative = ["data.val_n", "train.val_every", "train.val_size", "optim.lr", "optim.base_lr", "optim.weight_decay",

@@ -367,20 +367,29 @@ class ShapesDataset:
         for path in (images_path, captions_path):
             if not path.is_file():
                 raise FluidbenchError(f"{path}: missing (ShapesT2I split '{split}'; splits are train and val)")
-        self.manifest = json.loads((root / "manifest.json").read_text())
+        try:
+            self.manifest = json.loads((root / "manifest.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FluidbenchError(f"{root / 'manifest.json'}: not valid JSON ({getattr(e, 'msg', e)})") from None
         try:
             self.images = np.load(images_path, mmap_mode="r")  # (N, H, W, 3) uint8, read lazily
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # numpy: ValueError for a bad header, OSError for a short file
             raise FluidbenchError(f"{images_path}: not a readable .npy array ({e})") from None
+        if self.images.dtype != np.uint8:  # float images would train silently on values 256x off
+            raise FluidbenchError(f"{images_path}: dtype {self.images.dtype}, expected uint8 pixels")
         self.records = []
         for lineno, line in enumerate(captions_path.read_text().splitlines(), 1):
             try:
-                self.records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise FluidbenchError(f"{captions_path}:{lineno}: not valid JSON ({e.msg})") from None
-        if self.images.ndim != 4 or self.images.shape[-1] != 3 or len(self.images) != len(self.records):
+            if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
+                raise FluidbenchError(f"{captions_path}:{lineno}: expected an object with a 'caption' string")
+            self.records.append(record)
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.shape[1] != self.images.shape[2] \
+                or len(self.images) != len(self.records):
             raise FluidbenchError(f"{images_path}: shape {self.images.shape} does not match {len(self.records)} "
-                                  f"captions in {captions_path} (expected (N, H, W, 3))")
+                                  f"captions in {captions_path} (expected (N, S, S, 3))")
         if n is not None:
             if not 0 < n <= len(self.records):
                 raise FluidbenchError(f"n: asked for {n} images but {root}/{split} holds {len(self.records)}")

@@ -4,6 +4,7 @@ Read with the standard library's tarfile (streaming), so a broken shard gives a 
 """
 from __future__ import annotations
 
+import os
 import posixpath
 import tarfile
 import zlib
@@ -39,8 +40,24 @@ def resolve_shards(pattern: str) -> list[Path]:
     return [path]
 
 
+def check_complete(shard: Path) -> None:
+    """An uncompressed tar must end with its end-of-archive marker (two zero blocks, POSIX ustar): tarfile reads
+    a shard cut at a member boundary as a shorter, valid one. (A cut in a compressed shard fails to decompress.)"""
+    with open(shard, "rb") as f:
+        head = f.read(6)
+        if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head == b"\xfd7zXZ\x00":
+            return
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if size % 512 or tail != bytes(1024):
+        raise FluidbenchError(f"{shard}: broken tar shard (truncated: {size} bytes, without tar's end-of-archive "
+                              "marker)")
+
+
 def read_shard(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) per sample; the key is the path up to the first dot of the file name."""
+    check_complete(shard)
     key, files = None, {}
     try:
         with tarfile.open(shard, "r|*") as tar:
@@ -93,3 +110,6 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
                 yield center_crop_resize(decode(image, f"{shard}: sample '{key}'"), self.image_size,
                                          self.resize_filter), caption
                 count += 1
+        if worker is None and limit is not None and count < limit:
+            raise FluidbenchError(f"{self.shards[0].parent}: the shards hold {count} samples, fewer than the "
+                                  f"{limit} asked for")
