@@ -106,8 +106,6 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     if info.is_main:
         train_data = open_split(cfg, "train", tokenizer, text_encoder)
         val_data = open_split(cfg, "val", tokenizer, text_encoder)
-        # the first file of the run, once every input has been read: bad input leaves it free to rerun
-        write_json(run / "config.json", cfg.to_dict())
     D.barrier()
     if not info.is_main:
         train_data = open_split(cfg, "train", tokenizer, text_encoder)
@@ -160,6 +158,10 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
         keep_to = step if found is not None else -1
         rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step", 0) <= keep_to]
         write_text(run / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    if info.is_main:
+        # the run's first file once every input has been read and the settings matched any checkpoint's:
+        # a run that failed on bad input leaves nothing to refuse a corrected command with
+        write_json(run / "config.json", cfg.to_dict())
     if step > cfg.train.steps:
         raise FluidbenchError(f"{run} is already at step {step}, past train.steps={cfg.train.steps}")
     if step == cfg.train.steps and (run / "summary.json").exists():
