@@ -57,7 +57,6 @@ def check_complete(shard: Path) -> None:
 
 def read_shard(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) per sample; the key is the path up to the first dot of the file name."""
-    check_complete(shard)
     key, files = None, {}
     try:
         with tarfile.open(shard, "r|*") as tar:
@@ -75,6 +74,7 @@ def read_shard(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 files[extension.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise FluidbenchError(f"{shard}: broken tar shard ({e})") from None
+    check_complete(shard)  # after tarfile's own checks, which name a cut inside a member
     if key is not None:
         yield key, files
 
