@@ -6,6 +6,11 @@ generators: the KL token samples (mean + std * eps, on the host where the cache 
 with `seed + i + LOSS_SEED_OFFSET`, a distinct stream. Two evaluations of one checkpoint therefore agree exactly, and the value
 does not depend on how many processes share the batches. Evaluation uses the EMA weights (harness.runs).
 
+The loss is the variant's `loss(..., validation=True)`: the training loss's expectation estimated with little
+sampling noise, so that a rung's gain is not lost in the spread between validation seeds. Random order masks each
+sample at its own ratio from a fixed grid of quantiles of the training distribution (training draws one ratio per
+batch: a 500-image split saw 2 ratios), and the diffusion head's timesteps are stratified over the schedule.
+
 `fluidbench eval loss --run RUN` recomputes it from the run's latest checkpoint into RUN/eval/loss.json.
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ class Batches(Protocol):
 
 
 LOSS_SEED_OFFSET = 0x9E3779B9  # any constant: keeps the loss's stream apart from the token samples' on the CPU
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # (tokens, text, text_mask, generator, *, validation) -> scalar
 
 
 @torch.no_grad()
@@ -36,7 +41,7 @@ def validation_loss(loss_fn: LossFn, data: Batches, *, batch_size: int, seed: in
                     device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> float:
     """Mean loss per image over the first `size` items of `data` (0 = all).
 
-    loss_fn(tokens, text, text_mask, generator) -> scalar: a variant's `loss`, or the training module
+    loss_fn(tokens, text, text_mask, generator, validation=True) -> scalar: a variant's `loss`, or the training module
     (which under FSDP2 must be called by every process, so each process runs the same number of batches,
     padding with zero-weight repeats). Under torch.distributed, batches are dealt round-robin to processes and
     the totals summed over them.
@@ -58,7 +63,7 @@ def validation_loss(loss_fn: LossFn, data: Batches, *, batch_size: int, seed: in
         batch = to_device(batch, device)
         generator = torch.Generator(device).manual_seed(index + LOSS_SEED_OFFSET)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = loss_fn(batch["tokens"], batch["text"], batch["text_mask"], generator)
+            loss = loss_fn(batch["tokens"], batch["text"], batch["text_mask"], generator, validation=True)
         count = batch["tokens"].shape[0] * weight
         totals += torch.stack([loss.double() * count, totals.new_tensor(count)])
     if dist.is_initialized():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from eval.geneval_folder import iter_prompt_folders, load_prompts, write_prompt_folder
-from eval.sampling import SamplingSettings, SamplingStats, generate
+from eval.sampling import LatentStats, SamplingSettings, SamplingStats, generate
 from harness.atomic import write_json
 from harness.data import profile
 from harness.errors import FluidbenchError
@@ -65,6 +65,7 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
     skip = [index * per_prompt + j for index in done for j in range(per_prompt)]
     # the sampling cost of every image made for this folder, over interrupted evaluations too
     made = record.get("made", {"images": 0, "seconds": 0.0})
+    made_latents = LatentStats(**made.get("latents", {}))
     stats, counted = SamplingStats(), 0
     images: list[np.ndarray] = []
     for k, image in generate(run, captions, settings, stats, progress=progress, desc="geneval samples",
@@ -77,8 +78,10 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
             if stats.images != counted:  # a new batch: record its cost with the images it made
                 counted = stats.images
                 write_json(folder / "samples.json", {**record, "made": {
-                    "images": made["images"] + stats.images, "seconds": made["seconds"] + stats.seconds}})
+                    "images": made["images"] + stats.images, "seconds": made["seconds"] + stats.seconds,
+                    "latents": asdict(made_latents.merged(stats.latents))}})
     stats.images, stats.seconds = made["images"] + stats.images, made["seconds"] + stats.seconds
+    stats.latents = made_latents.merged(stats.latents)
     det = load_detector(detector, detector_path, device=device)
     colors = load_clip_colors(clip_path, device=device) if not det.colors and needs_colors(metadata) \
         else None
@@ -157,6 +160,12 @@ def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, se
     batches = (torch.from_numpy(samples[i:i + 64]).permute(0, 3, 1, 2) for i in range(0, n, 64))
     result = fid_from_images(batches, reference, ext, progress="features" if progress else None, total=n)
     result |= {"protocol": asdict(protocol) | {"extractor": ext.name}, **_record(run, settings, stats)}
+    if stats.latents.n:  # continuous tokens: do the sampled latents stay in the data's distribution?
+        from eval.sampling import data_latent_stats, latent_comparison
+
+        m = min(n, 1000)  # moments settle long before COCO-30K's 30,000 encodes would finish
+        real = (torch.stack([dataset[i][0] for i in range(k, min(k + 64, m))]) for k in range(0, m, 64))
+        result["latents"] = latent_comparison(stats.latents, data_latent_stats(run.tokenizer, real, seed))
     write_json(Path(run_dir) / "eval" / "fid.json", result)
     return result
 
@@ -169,16 +178,17 @@ def _cached_samples(folder: Path, run: Any, captions: list[str], settings: Sampl
     record = _keyed_folder(folder, {"captions": captions, "settings": settings.resolved(run.variant),
                                     "step": run.step})
     path, made = folder / "samples.npy", record.get("made")
-    if path.is_file() and made:  # reuse, with the cost measured when they were made
+    if path.is_file() and made:  # reuse, with the cost (and latent moments) measured when they were made
         stats.images, stats.seconds, stats.cost = made["images"], made["seconds"], made["cost"]
+        stats.latents = LatentStats(**made.get("latents", {}))
         return np.load(path)
     images = np.stack([image for _, image in generate(run, captions, settings, stats, progress=progress,
                                                        desc="samples")])
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, images)
-    write_json(folder / "samples.json",
-               {**record, "made": {"images": stats.images, "seconds": stats.seconds, "cost": stats.cost}})
+    write_json(folder / "samples.json", {**record, "made": {"images": stats.images, "seconds": stats.seconds,
+                                                            "cost": stats.cost, "latents": asdict(stats.latents)}})
     return images
 
 

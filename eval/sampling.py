@@ -5,6 +5,7 @@ sampling settings and the cost accounting are recorded the same way everywhere.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterator, Sequence
@@ -17,12 +18,67 @@ from eval.settings import SamplingSettings  # noqa: F401 - its home is eval/sett
 
 
 @dataclass
+class LatentStats:
+    """Running moments of continuous tokens over every value: whether sampled latents stay in the data's
+    distribution (a diverging diffusion-head sampler shows as a std hundreds of times the data's)."""
+
+    n: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    total_abs: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, tokens: torch.Tensor) -> None:
+        x = tokens.detach().double()
+        self.n += x.numel()
+        self.total += float(x.sum())
+        self.total_sq += float(x.pow(2).sum())
+        self.total_abs += float(x.abs().sum())
+        self.max_abs = max(self.max_abs, float(x.abs().max())) if x.numel() else self.max_abs
+
+    def merged(self, other: "LatentStats") -> "LatentStats":
+        return LatentStats(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq,
+                           self.total_abs + other.total_abs, max(self.max_abs, other.max_abs))
+
+    def summary(self) -> dict:
+        """std, mean |x| and max |x| of the values seen (and how many), or {} before any."""
+        if not self.n:
+            return {}
+        mean = self.total / self.n
+        std = math.sqrt(max(self.total_sq / self.n - mean ** 2, 0.0))
+        return {"std": std, "mean": mean, "mean_abs": self.total_abs / self.n, "max_abs": self.max_abs,
+                "values": self.n}
+
+
+@torch.no_grad()
+def data_latent_stats(tokenizer: Any, images: Sequence[torch.Tensor] | Iterator[torch.Tensor],
+                      seed: int = 0) -> LatentStats:
+    """The same moments for the data's latents as training sees them (posterior mean + std * eps, seeded), from
+    uint8 image batches (B, 3, H, W)."""
+    stats, generator = LatentStats(), torch.Generator().manual_seed(seed)
+    for batch in images:
+        x = batch.to(tokenizer.device).float() / 127.5 - 1
+        mean, std = tokenizer.encode_moments(x)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        stats.add(mean + std * eps)
+    return stats
+
+
+def latent_comparison(sampled: LatentStats, data: LatentStats) -> dict:
+    """Sampled vs data latent moments and the ratio of their stds (~1 when the sampler stays in distribution)."""
+    s, d = sampled.summary(), data.summary()
+    ratio = s["std"] / d["std"] if s and d and d["std"] > 0 else None
+    return {"sampled": s, "data": d, "std_ratio": ratio}
+
+
+@dataclass
 class SamplingStats:
-    """Wall time and model cost of one generation pass, per image."""
+    """Wall time and model cost of one generation pass, per image; moments of the latents when continuous."""
 
     images: int = 0
     seconds: float = 0.0
     cost: dict = field(default_factory=dict)
+    latents: LatentStats = field(default_factory=LatentStats)
 
     def summary(self) -> dict:
         per_image = self.seconds / max(self.images, 1)
@@ -30,6 +86,8 @@ class SamplingStats:
         # variant.sampling_cost is already per image; name its two bare keys so the table reads unambiguously
         names = {"forward_passes": "sequential_passes", "flops": "flops_per_image"}
         out.update({names.get(k, k): v for k, v in self.cost.items()})
+        if self.latents.n:
+            out["latents"] = self.latents.summary()
         return out
 
 
@@ -75,6 +133,8 @@ def generate(run: Any, captions: Sequence[str], settings: SamplingSettings, stat
         if stats is not None:
             stats.images += len(batch)
             stats.seconds += time.perf_counter() - t0
+            if tokens.is_floating_point():
+                stats.latents.add(tokens)
         bar.update(len(wanted))
         for i in wanted:
             yield start + i, images[i]

@@ -36,8 +36,9 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path) -> str | None:
-    """One log-log panel per variant (losses differ in kind across token types), points and fitted law."""
+def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path, x: str = "params") -> str | None:
+    """One log-log panel per variant (losses differ in kind across token types), points and fitted law against
+    parameter count `x` (the column the laws were fitted on)."""
     variants = sorted(table.dropna(subset=["val_loss"])["variant"].unique())
     if not variants:
         return None
@@ -46,12 +47,12 @@ def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path
     rows_n = int(np.ceil(len(variants) / cols))
     fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
     for ax, variant in zip(axes.flat, variants):
-        rows = table[table["variant"] == variant].dropna(subset=["params", "val_loss"]).sort_values("params")
+        rows = table[table["variant"] == variant].dropna(subset=[x, "val_loss"]).sort_values(x)
         style = _style(variant, rows)
-        ax.scatter(rows["params"], rows["val_loss"], color=style["color"], marker=style["marker"], zorder=3)
+        ax.scatter(rows[x], rows["val_loss"], color=style["color"], marker=style["marker"], zorder=3)
         fit = fits.get(variant)
         if fit is not None:
-            n = np.geomspace(rows["params"].min() / 1.3, rows["params"].max() * 1.3, 50)
+            n = np.geomspace(rows[x].min() / 1.3, rows[x].max() * 1.3, 50)
             offset = f" + {fit.c:.3g}" if fit.c else ""
             ax.plot(n, fit.predict(n), color=style["color"], lw=1.5,
                     label=f"{fit.a:.3g} N^-{fit.alpha:.3f}{offset}\nalpha 95% CI [{fit.alpha_lo:.3f}, "
@@ -60,7 +61,7 @@ def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(variant)
-        ax.set_xlabel("parameters N")
+        ax.set_xlabel("non-embedding parameters N" if x == "params_nonembed" else "parameters N")
         ax.set_ylabel("validation loss")
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(variants):]:
@@ -99,12 +100,47 @@ def metric_vs(table: pd.DataFrame, x: str, y: str, path: Path, *, logy: bool = F
     return _save(fig, path)
 
 
+def loss_envelope(curves: pd.DataFrame, frontier: pd.DataFrame, path: Path) -> str | None:
+    """One log-log panel per variant: each size's validation loss against training FLOPs, and the envelope."""
+    variants = sorted(curves["variant"].unique()) if len(curves) else []
+    if not variants or curves.groupby("run").size().max() < 2:
+        return None  # one validation per run draws points, not curves: `train.val_every` was not set
+    plt = _pyplot()
+    cols = min(len(variants), 2)
+    rows_n = int(np.ceil(len(variants) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
+    for ax, variant in zip(axes.flat, variants):
+        rows = curves[curves["variant"] == variant]
+        shades = np.linspace(0.35, 1.0, rows["size"].nunique())
+        for shade, (size, run_rows) in zip(shades, sorted(rows.groupby("size"), key=lambda g: g[1]["flops"].max())):
+            for _, one in run_rows.groupby("run"):
+                one = one.sort_values("flops")
+                ax.plot(one["flops"], one["val_loss"], color=COLORS.get(variant), alpha=float(shade), lw=1.2,
+                        label=size if one["run"].iloc[0] == run_rows["run"].iloc[0] else None)
+        edge = frontier[frontier["variant"] == variant].sort_values("flops")
+        ax.plot(edge["flops"], edge["val_loss"], color="black", ls="--", lw=1, label="envelope")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(variant)
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("validation loss")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(variants):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def draw_all(table: pd.DataFrame, fits: dict[str, PowerLawFit], ceilings: dict[str, dict],
-             out_dir: Path) -> dict[str, str]:
+             out_dir: Path, x: str = "params", curves: pd.DataFrame | None = None,
+             frontier: pd.DataFrame | None = None) -> dict[str, str]:
     """Every figure of the report; returns {figure key: file name} for those with data to draw."""
     geneval_ceilings = {k: c["overall"] for k, c in ceilings.items() if c.get("overall") is not None}
     figures = {
-        "loss_vs_params": loss_vs_params(table, fits, out_dir / "loss_vs_params.png"),
+        "loss_vs_params": loss_vs_params(table, fits, out_dir / "loss_vs_params.png", x=x),
+        "loss_envelope": (loss_envelope(curves, frontier, out_dir / "loss_envelope.png")
+                          if curves is not None and frontier is not None else None),
         "loss_vs_flops": metric_vs(table, "train_flops", "val_loss", out_dir / "loss_vs_flops.png", logy=True,
                                    ylabel="validation loss (each variant its own)"),
         "fid_vs_params": metric_vs(table, "params", "fid", out_dir / "fid_vs_params.png", ylabel="FID"),

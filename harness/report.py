@@ -21,16 +21,12 @@ from eval.metrics import (GENEVAL_COLUMNS, GENEVAL_SE, METRICS, SAMPLING_COLUMNS
                           geneval_standard_error, table_row)                    # public names
 from harness.atomic import atomic_path, write_text
 from harness.errors import FluidbenchError
-from harness.scaling import PowerLawFit, fit_power_law, pearson_r
+from harness.scaling import PowerLawFit
 
 # the run's identity and training numbers, then every metric's columns in registry order (eval/metrics.py)
-RUN_COLUMNS = ["run", "variant", "size", "token_kind", "order", "params", "train_flops", "steps", "tokens_seen",
-               "val_loss"]
+RUN_COLUMNS = ["run", "variant", "size", "seed", "token_kind", "order", "params", "params_nonembed", "train_flops",
+               "steps", "tokens_seen", "val_loss"]
 COLUMNS = [*RUN_COLUMNS, *[c for m in METRICS.values() for c in m.columns], *SAMPLING_COLUMNS]
-FLUID = {"token_kind": "kl", "order": "random"}  # Fluid (Fan et al. 2024) on the study's two axes
-# The paper's numbers the findings are compared against: its loss-FID and loss-GenEval correlations across
-# the Fluid sizes (Fan et al. 2024).
-PAPER_R_LOSS_FID, PAPER_R_LOSS_GENEVAL = 0.917, -0.931
 
 
 def _read_json(path: Path) -> dict:
@@ -48,11 +44,6 @@ def _study_axes(variant: str) -> tuple[str, str]:
     return head_cls.token_kind, order_cls.kind
 
 
-def is_fluid(table: pd.DataFrame) -> pd.Series:
-    """Rows of Fluid, the paper's model: continuous tokens in random order (its values on the study's two axes)."""
-    return (table[list(FLUID)] == pd.Series(FLUID)).all(axis=1)
-
-
 def collect_run(run: Path) -> dict[str, Any]:
     """One table row from a run folder; metrics not measured yet are NaN."""
     config, summary = _read_json(run / "config.json"), _read_json(run / "summary.json")
@@ -65,6 +56,10 @@ def collect_run(run: Path) -> dict[str, Any]:
                            "order": order}
     params = summary.get("params")
     row["params"] = params.get("total") if isinstance(params, dict) else params
+    counts = summary.get("param_counts") or {}
+    if "total" in counts and "embeddings" in counts:  # what the laws are fitted on (Kaplan et al. 2020)
+        row["params_nonembed"] = counts["total"] - counts["embeddings"]
+    row["seed"] = config.get("train", {}).get("seed")
     for key in ("train_flops", "steps", "tokens_seen", "val_loss"):
         row[key] = summary.get(key)
     row.update(table_row(run, _read_json))
@@ -78,7 +73,7 @@ def collect_runs(sweep_dir: str | Path) -> pd.DataFrame:
         raise FluidbenchError(f"{runs_dir}: no run folders (expected SWEEP/runs/<variant>-<size>/)")
     rows = [collect_run(run) for run in sorted(runs_dir.iterdir()) if (run / "config.json").is_file()]
     table = pd.DataFrame(rows, columns=COLUMNS)
-    return table.sort_values(["variant", "params", "size"], ignore_index=True)
+    return table.sort_values(["variant", "params", "size", "seed"], ignore_index=True)
 
 
 def write_table(table: pd.DataFrame, sweep_dir: str | Path, columns: list[str] | None = None) -> None:
@@ -118,114 +113,20 @@ def read_ceilings(sweep_dir: str | Path) -> dict[str, dict]:
 
 
 def fit_losses(table: pd.DataFrame, offset: bool = False, n_boot: int = 1000) -> dict[str, PowerLawFit]:
-    """A power law of validation loss in parameters for each variant with enough sizes (each its own fit)."""
-    fits = {}
-    for variant, rows in table.groupby("variant"):
-        rows = rows.dropna(subset=["params", "val_loss"])
-        try:
-            fits[variant] = fit_power_law(rows["params"], rows["val_loss"], offset=offset, n_boot=n_boot)
-        except ValueError:
-            continue  # too few sizes: the report says so
-    return fits
+    """A power law of validation loss in non-embedding parameters for each variant with enough sizes (each its
+    own fit), with the offset c when it has >= 4 sizes or `offset` asks for it (harness/findings.py)."""
+    from harness.findings import fit_losses as fit
+
+    return fit(table, n_boot=n_boot, offset=True if offset else None)
 
 
-# ---------------------------------------------------------------------------------------------- findings
-def _paired(table: pd.DataFrame, metric: str, axis: str, better: str, worse: str) -> list[tuple]:
-    """(size, other axis value, better's metric, worse's metric) where both sides measured the metric."""
-    other = "order" if axis == "token_kind" else "token_kind"
-    pairs = []
-    for (size, other_value), rows in table.groupby(["size", other]):
-        a = rows.loc[rows[axis] == better, metric].dropna()
-        b = rows.loc[rows[axis] == worse, metric].dropna()
-        if len(a) and len(b):
-            pairs.append((size, other_value, float(a.iloc[0]), float(b.iloc[0])))
-    return pairs
+def findings(table: pd.DataFrame, fits: dict[str, PowerLawFit], sweep_dir: str | Path | None = None,
+             n_boot: int = 2000) -> list:
+    """Each of the paper's findings judged on the runs: harness.findings.Finding (title, verdict, interval,
+    evidence); GenEval differences are paired over prompts when the run folders (`sweep_dir`) hold the results."""
+    from harness.findings import judge
 
-
-def _verdict(wins: int, total: int) -> str:
-    if total == 0:
-        return "not measured"
-    if wins == total:
-        return "holds"
-    return "partly" if wins > total / 2 else "does not hold"
-
-
-def _noisy_verdict(wins: int, within: int, total: int) -> str:
-    """The verdict of the point estimates, and how many differences lie within two standard errors."""
-    if total and within == total:
-        return "not resolved (every difference within 2 standard errors)"
-    verdict = _verdict(wins, total)
-    return f"{verdict} ({within} of {total} differences within 2 standard errors)" if within else verdict
-
-
-def findings(table: pd.DataFrame, fits: dict[str, PowerLawFit]) -> list[tuple[str, str, str]]:
-    """(finding, verdict, evidence) for each of the paper's findings, judged on the measured runs."""
-    out = []
-    judged = {v: f for v, f in fits.items() if f.n_points >= 3}  # two points fit any power law exactly
-    ok = [v for v, f in judged.items() if f.r2 >= 0.9 and f.alpha_lo > 0]
-    evidence = "; ".join(f"{v}: alpha {f.alpha:.3f} [{f.alpha_lo:.3f}, {f.alpha_hi:.3f}], R^2 {f.r2:.3f}, "
-                         f"{f.n_points} sizes" for v, f in fits.items()) or "no variant has 2 sizes with a loss"
-    out.append(("Validation loss of every variant follows a power law in model size (3+ sizes, R^2 >= 0.9 in "
-                "log-log and the 95% interval of alpha above 0)",
-                _verdict(len(ok), table["variant"].nunique()) if judged else "not measured", evidence))
-
-    pairs = _paired(table, "fid", "token_kind", "kl", "vq")
-    wins = sum(kl < vq for _, _, kl, vq in pairs)
-    evidence = "; ".join(f"{order} {size}: kl {kl:.2f} vs vq {vq:.2f}" for size, order, kl, vq in pairs)
-    out.append(("Continuous (kl) tokens give better FID than discrete (vq) at the same size and order",
-                _verdict(wins, len(pairs)), evidence or "FID not measured"))
-
-    pairs = _paired(table, "geneval_overall", "order", "random", "raster")
-    noise = _paired(table, GENEVAL_SE, "order", "random", "raster") if GENEVAL_SE in table else []
-    margins = {(size, kind): 2 * math.hypot(a, b) for size, kind, a, b in noise}  # 2 SE of the difference
-    wins = sum(rnd > ras for _, _, rnd, ras in pairs)
-    within = sum(abs(rnd - ras) <= margins[(size, kind)] for size, kind, rnd, ras in pairs if (size, kind) in margins)
-    evidence = "; ".join(f"{kind} {size}: random {rnd:.3f} vs raster {ras:.3f}"
-                         + (f" (difference {rnd - ras:+.3f} +- {margins[(size, kind)]:.3f})"
-                            if (size, kind) in margins else "") for size, kind, rnd, ras in pairs)
-    out.append(("Random order gives better GenEval than raster order at the same size and token kind",
-                _noisy_verdict(wins, within, len(pairs)), evidence or "GenEval not measured"))
-
-    out.append(_fluid_best(table))
-    out.append(_correlations(table))
-    return out
-
-
-def _fluid_best(table: pd.DataFrame) -> tuple[str, str, str]:
-    """kl-random ("Fluid") best at the largest size measured by all, and improving from smallest to largest."""
-    title = "Random order + continuous tokens (Fluid) is the best variant and keeps improving with size"
-    fluid = table[is_fluid(table)].sort_values("params")
-    if fluid.empty:
-        return title, "not measured", "no kl-random runs"
-    checks, notes = [], []
-    common = set.intersection(*(set(rows["size"]) for _, rows in table.groupby("variant")))
-    largest = max(common, key=lambda s: table.loc[table["size"] == s, "params"].max()) if common else None
-    for metric, sign in (("geneval_overall", 1), ("fid", -1)):
-        at = table[table["size"] == largest].dropna(subset=[metric]) if largest else table.iloc[:0]
-        if len(at) > 1:
-            best = at.loc[(sign * at[metric]).idxmax()]
-            fluid_at = is_fluid(at)
-            checks.append(bool(fluid_at.any()) and (sign * at.loc[fluid_at, metric]).max() >= sign * best[metric])
-            notes.append(f"best {metric} at {largest}: {best['variant']} ({best[metric]:.3f})")
-        series = fluid[metric].dropna()
-        if len(series) >= 2:
-            checks.append(sign * (series.iloc[-1] - series.iloc[0]) > 0)
-            notes.append(f"kl-random {metric} {series.iloc[0]:.3f} -> {series.iloc[-1]:.3f} from smallest to "
-                         "largest")
-    return title, _verdict(sum(checks), len(checks)), "; ".join(notes) or "FID and GenEval not measured"
-
-
-def _correlations(table: pd.DataFrame) -> tuple[str, str, str]:
-    """Validation loss against FID and GenEval across the kl-random sizes (paper: r = 0.917 and -0.931)."""
-    title = (f"Validation loss predicts quality: r(loss, FID) > 0 and r(loss, GenEval) < 0 across kl-random sizes "
-             f"(paper: {PAPER_R_LOSS_FID} and {PAPER_R_LOSS_GENEVAL})")
-    fluid = table[is_fluid(table)]
-    r_fid = pearson_r(fluid["val_loss"], fluid["fid"])
-    r_gen = pearson_r(fluid["val_loss"], fluid["geneval_overall"])
-    measured = [r for r in (r_fid, r_gen) if not math.isnan(r)]
-    wins = int(r_fid > 0) + int(r_gen < 0)
-    evidence = f"r(loss, FID) = {r_fid:.3f}, r(loss, GenEval) = {r_gen:.3f} over {len(fluid)} runs"
-    return title, _verdict(wins, len(measured)) if measured else "not measured", evidence
+    return judge(table, sweep_dir, n_boot=n_boot, fits=fits)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -260,9 +161,15 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
             table[column] = np.nan
     if table.empty:
         raise FluidbenchError(f"{sweep_dir}: the results table has no runs")
+    from harness.curves import envelope, training_curves
+    from harness.findings import size_column
+
     fits = fit_losses(table, offset=offset, n_boot=n_boot)
     ceilings = read_ceilings(sweep_dir)
-    figures = plots.draw_all(table, fits, ceilings, sweep_dir)
+    curves = training_curves(sweep_dir, table)
+    frontier = envelope(curves)
+    figures = plots.draw_all(table, fits, ceilings, sweep_dir, x=size_column(table), curves=curves,
+                             frontier=frontier)
     spec = _read_json(sweep_dir / "sweep.json")
 
     text = [f"# Scaling report: {spec.get('name', sweep_dir.name)}", ""]
@@ -273,10 +180,18 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
              "comparable across token types.", ""]
     if spec.get("note"):
         text += [spec["note"], ""]
+    judged = findings(table, fits, sweep_dir, n_boot=max(n_boot, 1000))
     text += ["## The paper's findings, checked on these runs", "",
-             markdown_table(["finding", "verdict", "evidence"], [list(f) for f in findings(table, fits)]), ""]
+             "Each verdict comes from the 95% interval beside it: holds when the whole interval lies on the "
+             "claimed side, does not hold when it lies on the other side, not resolved when it covers zero. "
+             "GenEval differences: a paired bootstrap over the prompts every run shares (resampled within each "
+             "task); FID differences: the evaluations' bootstrap standard errors where recorded; both widened by "
+             "the spread between training seeds where a size was trained with several (harness/stats.py).", "",
+             markdown_table(["finding", "verdict", "95% interval", "evidence"],
+                            [[f.title, f.verdict, f.interval, f.evidence] for f in judged]), ""]
     text += ["## Results", "", markdown_table(shown, table[shown].values.tolist()), ""]
     text += _fit_section(table, fits, offset, figures)
+    text += _envelope_section(frontier, figures)
     text += _quality_section(table, ceilings, figures)
     text += _samples_section(table, sweep_dir)
     missing = [c for c in ("fid", "geneval_overall", "clip_score") if table[c].isna().all()]
@@ -290,20 +205,44 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
 
 
 def _fit_section(table: pd.DataFrame, fits: dict[str, PowerLawFit], offset: bool, figures: dict) -> list[str]:
-    form = "L = a * N^(-alpha) + c" if offset else "L = a * N^(-alpha)"
+    from harness.findings import held_out_rows, size_column
+
+    n = "non-embedding parameters" if size_column(table) == "params_nonembed" else "total parameters"
+    form = "L = a * N^(-alpha) + c" if offset else "L = a * N^(-alpha), + c with 4 or more sizes"
     rows = [[v, f.alpha, f"[{f.alpha_lo:.3f}, {f.alpha_hi:.3f}]", f.a, f.c, f.r2, f.n_points]
             for v, f in sorted(fits.items())]
     unfitted = sorted(set(table["variant"]) - set(fits))
     text = ["## Validation loss against parameters", "",
-            f"Fitted per variant: {form}, N = total parameters; 95% interval of alpha from a pairs bootstrap "
+            f"Fitted per variant: {form}, N = {n}; 95% interval of alpha from a pairs bootstrap "
             "over the runs (rough with few sizes).", "",
             markdown_table(["variant", "alpha", "95% CI", "a", "c", "R^2 (log L)", "points"], rows), ""]
     if unfitted:
         text += [f"Not fitted (fewer than two sizes with a validation loss): {', '.join(unfitted)}.", ""]
+    held = held_out_rows(table)
+    if held:
+        text += ["Held-out check: the law fitted on every size but the largest predicts the largest's loss "
+                 "(interval: pairs bootstrap over the fitted runs, widened by the seed spread where measured).", "",
+                 markdown_table(["variant", "sizes fitted", "form", "predicted [95%]", "measured", "error",
+                                 "verdict"], held), ""]
     for key in ("loss_vs_params", "loss_vs_flops"):
         if key in figures:
             text += [f"![{key}]({figures[key]})", ""]
     return text
+
+
+def _envelope_section(frontier: pd.DataFrame, figures: dict) -> list[str]:
+    if "loss_envelope" not in figures:
+        return []
+    rows = []
+    for variant, points in frontier.groupby("variant"):
+        sizes = list(dict.fromkeys(points.sort_values("flops")["size"]))
+        rows.append([variant, " -> ".join(sizes), points["flops"].min(), points["flops"].max()])
+    return ["## Validation loss against training compute", "",
+            "Every validation of every run (`train.val_every`), against the training FLOPs spent so far; the dashed "
+            "line is each variant's envelope, the lowest loss reached at each compute over all sizes. Sizes on the "
+            "envelope, from small to large compute (a size missing from it never was the best use of its FLOPs):",
+            "", markdown_table(["variant", "sizes on the envelope", "from FLOPs", "to FLOPs"], rows), "",
+            f"![loss_envelope]({figures['loss_envelope']})", ""]
 
 
 def _quality_section(table: pd.DataFrame, ceilings: dict[str, dict], figures: dict) -> list[str]:

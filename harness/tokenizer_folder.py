@@ -21,9 +21,10 @@ from harness.errors import FluidbenchError
 class TokenizerTrainOptions:
     """The options of `fluidbench tokenizer train` (a sweep spec's tokenizers.<kind>.train)."""
 
-    steps: int = 0                      # step cap (0 = train until the time budget)
-    budget_s: float | None = None       # wall-clock budget of the training loop (None: 240)
-    min_steps: int | None = None        # at least this many steps, budget or not (None: 500)
+    steps: int | None = None            # training steps (None: the kind's default, vq 1800, kl 1900)
+    budget_s: float | None = None       # also stop at this wall-clock budget (None: no budget; the result then
+                                        # depends on the machine, so no shipped spec sets it)
+    min_steps: int | None = None        # with a budget: at least this many steps (None: 500)
     seed: int = 0
     grid: int | None = None             # tokens per side (None: 8)
     patch: int | None = None            # kl: p x p latent patch per token (None: 1)
@@ -52,7 +53,7 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
     val_images, val_root = _shapes_images(data, "val")
     try:
         cfg = default_config(kind, image_size=train_images.shape[-1], grid=o.grid, patch=o.patch,
-                             codebook_size=o.codebook_size, steps=o.steps or None, time_budget_s=o.budget_s,
+                             codebook_size=o.codebook_size, steps=o.steps, time_budget_s=o.budget_s,
                              seed=o.seed, min_steps=o.min_steps, threads=threads, latent_channels=o.latent_channels,
                              batch_size=o.batch_size, lr=o.lr)
     except ValueError as e:
@@ -91,11 +92,13 @@ def _shapes_images(data: Path, split: str):
 def _progress(cfg):
     from tqdm import tqdm
 
-    bar = tqdm(total=int(cfg.time_budget_s), desc=f"tokenizer {cfg.kind}", unit="s", file=sys.stderr,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total}s {postfix}")
+    budget = cfg.time_budget_s
+    total, unit = (int(budget), "s") if budget else (cfg.steps, " steps")
+    bar = tqdm(total=total, desc=f"tokenizer {cfg.kind}", file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total}" + unit + " {postfix}")
 
     def log(row: dict) -> None:
-        bar.n = min(int(row["elapsed_s"]), bar.total)
+        bar.n = min(int(row["elapsed_s"] if budget else row["step"]), bar.total)
         bar.set_postfix(step=row["step"], loss=f"{row['loss']:.4f}")
 
     return log

@@ -83,13 +83,24 @@ def test_report_renders_from_fixture_table(tmp_path):
     assert set(COLUMNS) <= set(table.columns) and table["clip_score"].isna().all()
 
 
+POWER, KL_FID, RANDOM_GENEVAL, FLUID_BEST, GAINS, LOSS_QUALITY = range(6)  # harness.findings.judge's order
+
+
 def test_findings_follow_the_numbers():
+    from harness.report import GENEVAL_SE
+
     table = fixture_table()
     fits = fit_losses(table, n_boot=50)
     assert {v: round(f.alpha, 3) for v, f in fits.items()} == ALPHAS
-    assert [verdict for _, verdict, _ in findings(table, fits)] == ["holds"] * 5
-    flipped = findings(fixture_table(fid_kl_better=False), fits)
-    assert flipped[1][1] == "does not hold"
+    table[GENEVAL_SE], table["fid_se"] = 0.002, 0.05  # M - S: GenEval +0.012 +- 0.006; L - S: FID -0.7 +- 0.14
+    verdicts = [f.verdict for f in findings(table, fits)]
+    assert verdicts == ["holds"] * 6, verdicts
+    flipped = fixture_table(fid_kl_better=False)
+    flipped[GENEVAL_SE], flipped["fid_se"] = 0.002, 0.05
+    assert findings(flipped, fits)[KL_FID].verdict == "does not hold"
+    # without standard errors there is no interval: nothing about quality is decided
+    verdicts = [f.verdict for f in findings(fixture_table(), fits)]
+    assert verdicts[KL_FID] == "not resolved" and verdicts[RANDOM_GENEVAL] == "not measured"
 
 
 def test_geneval_standard_error_and_verdicts_within_noise():
@@ -101,12 +112,12 @@ def test_geneval_standard_error_and_verdicts_within_noise():
     table = fixture_table()  # random order +0.15 GenEval over raster everywhere
     fits = fit_losses(table, n_boot=50)
     table[GENEVAL_SE] = 0.01
-    finding = findings(table, fits)[2]
-    assert finding[1] == "holds" and "difference +0.150 +- 0.028" in finding[2]
-    table[GENEVAL_SE] = 0.06  # 2 SE of a difference = 0.17 > 0.15: nothing is resolved
-    assert findings(table, fits)[2][1] == "not resolved (every difference within 2 standard errors)"
-    table.loc[table["size"] == "L", GENEVAL_SE] = 0.01
-    assert findings(table, fits)[2][1].startswith("holds (")  # the largest size resolved, the rest not
+    finding = findings(table, fits)[RANDOM_GENEVAL]
+    # the mean of 6 differences, each with SE sqrt(2) x 0.01: +0.150 +- 1.96 x 0.01 / sqrt(3)
+    assert finding.verdict == "holds" and "+0.150 [+0.139, +0.161]" in finding.interval
+    assert "kl S: random 0.600 vs raster 0.450 (+0.150 [+0.122, +0.178]" in finding.evidence
+    table[GENEVAL_SE] = 0.2  # the pooled interval +-0.23 covers 0.15 and 0
+    assert findings(table, fits)[RANDOM_GENEVAL].verdict == "not resolved"
 
 
 def test_report_errors_name_the_file(tmp_path):

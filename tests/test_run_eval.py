@@ -108,3 +108,54 @@ def test_reference_data_of_another_data_set_needs_its_path_and_split(tmp_path, m
     monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
     with pytest.raises(FluidbenchError, match="data_kind, data_path and split go together"):
         run_eval.eval_fid(tmp_path / "run", n=4, data_kind="coco", split="train2014", progress=False)
+
+
+def test_latent_moments_add_up_over_batches_and_interrupted_evaluations():
+    from eval.sampling import LatentStats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 16, 4, generator=g) * 3 + 0.5
+    whole, parts = LatentStats(), [LatentStats(), LatentStats()]
+    whole.add(x)
+    parts[0].add(x[:3])
+    parts[1].add(x[3:])
+    for stats in (whole, parts[0].merged(parts[1])):
+        s = stats.summary()
+        assert s["values"] == x.numel()
+        assert s["std"] == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-9)
+        assert s["mean_abs"] == pytest.approx(x.double().abs().mean().item(), rel=1e-9)
+        assert s["max_abs"] == pytest.approx(x.abs().max().item())
+    assert LatentStats().summary() == {}
+
+
+def test_data_latents_of_a_normalised_kl_tokenizer_have_unit_std():
+    from eval.sampling import LatentStats, data_latent_stats, latent_comparison
+    from variants.tokenizer_train import TokenizerTrainConfig, _estimate_normalisation, build_tokenizer
+
+    cfg = TokenizerTrainConfig(kind="kl", widths=(8, 16, 16), norm_groups=4, latent_channels=4)
+    tokenizer = build_tokenizer(cfg).eval()
+    images = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    _estimate_normalisation(tokenizer, images, torch.Generator().manual_seed(2))
+    data = data_latent_stats(tokenizer, images.split(16), seed=0)
+    assert data.summary()["std"] == pytest.approx(1.0, abs=0.02)
+    assert data_latent_stats(tokenizer, images.split(16), seed=0) == data  # seeded posterior draws
+    sampled = LatentStats()
+    sampled.add(torch.randn(100, 64, 4, generator=torch.Generator().manual_seed(3)) * 500)  # a diverged sampler
+    assert latent_comparison(sampled, data)["std_ratio"] == pytest.approx(500, rel=0.05)
+
+
+def test_geneval_records_the_moments_of_every_latent_it_made(tmp_path, prompts, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    settings = SamplingSettings(batch_size=4, seed=0)
+    first = run_eval.eval_geneval(run_dir, prompts=prompts, per_prompt=2, detector="shapes-oracle",
+                                  settings=settings, progress=False)
+    per_image = 3 * 16 * 16  # the stand-in's "latents" are its pixels
+    assert first["sampling_stats"]["latents"]["values"] == 14 * per_image
+    assert 0 < first["sampling_stats"]["latents"]["max_abs"] <= 1.0
+    folder = run_dir / "eval" / "geneval"
+    for f in sorted((folder / "00006").rglob("*"), reverse=True):  # the last batch lost: made again
+        f.rmdir() if f.is_dir() else f.unlink()
+    again = run_eval.eval_geneval(run_dir, prompts=prompts, per_prompt=2, detector="shapes-oracle",
+                                  settings=settings, progress=False)
+    assert again["sampling_stats"]["latents"]["values"] == (14 + 2) * per_image

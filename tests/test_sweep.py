@@ -150,8 +150,8 @@ MICRO = """
 name: micro
 data: {kind: shapes, shapes: {seed: 0, train: 192, val: 48, size: 32, prompts_per_task: 2}}
 tokenizers:
-  vq: {train: {steps: 3, budget_s: 20}}
-  kl: {train: {steps: 3, budget_s: 20}}
+  vq: {train: {steps: 3}}
+  kl: {train: {steps: 3}}
 text: {encoder: minilm, max_length: 16}
 ladder: cpu
 variants: [vq-random, kl-raster]      # both token kinds, both orders

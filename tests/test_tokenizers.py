@@ -227,6 +227,28 @@ def test_vq_training_uses_the_codebook():
     assert recs.shape == data.shape and recs.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_training_is_a_function_of_the_config_and_seed(kind):
+    """No clock in the default recipe: the same steps and seed give the same tokenizer, another seed another."""
+    cfg = dict(kind=kind, steps=6, batch_size=4, restart_every=3, kmeans_iters=2, threads=1, **TINY)
+    assert TokenizerTrainConfig(kind=kind).time_budget_s is None
+    data = _shapes_like(32)
+    (a, sa), (b, _), (c, _) = (train_tokenizer(TokenizerTrainConfig(**cfg, seed=s), data) for s in (0, 0, 1))
+    assert sa["steps"] == 6 and not sa["over_budget"]
+    assert a.checksum == b.checksum != c.checksum
+
+
+def test_default_steps_per_kind():
+    from variants.tokenizer_train import default_config
+
+    assert (default_config("vq").steps, default_config("kl").steps) == (1800, 1900)
+    assert default_config("vq", steps=7).steps == 7
+    with pytest.raises(ValueError, match="steps"):
+        TokenizerTrainConfig(kind="kl", steps=0)
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TokenizerTrainConfig(kind="kl", time_budget_s=0)
+
+
 def test_time_budget_stops_training_but_not_before_min_steps():
     cfg = TokenizerTrainConfig(kind="kl", steps=1000, min_steps=4, time_budget_s=1e-6, batch_size=2, threads=1, **TINY)
     _, stats = train_tokenizer(cfg, _shapes_like(8))

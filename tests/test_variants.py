@@ -259,6 +259,82 @@ def test_truncated_gaussian_matches_mar():
     assert abs(ratios.mean().item() - mar.mean()) < 0.005 and abs(ratios.std().item() - mar.std()) < 0.005
 
 
+@pytest.mark.parametrize("mask_ratio", ["truncnorm", "cosine"])
+def test_validation_masks_each_sample_at_a_fixed_quantile(mask_ratio):
+    from scipy import stats
+
+    from variants.orders import RandomOrder
+
+    order = RandomOrder(8, 100_000, mask_ratio=mask_ratio)  # long sequence: count / L ~ the ratio itself
+    a = order.masked_counts(1000, gen(1), "cpu", validation=True)
+    assert a.shape == (1000, 1) and torch.equal(a, order.masked_counts(1000, gen(2), "cpu", validation=True))
+    step = a.diff(dim=0)  # the grid in order: sample b at the (b + 1/2) / B quantile (cos(pi/2 u) falls in u)
+    assert bool((step >= 0).all() if mask_ratio == "truncnorm" else (step <= 0).all())
+    ratios = a.double() / 100_000
+    if mask_ratio == "truncnorm":
+        mar = stats.truncnorm((0.7 - 1.0) / 0.25, 0, loc=1.0, scale=0.25)  # the training distribution
+        assert abs(ratios.mean().item() - mar.mean()) < 0.001 and abs(ratios.std().item() - mar.std()) < 0.002
+        assert ratios.min() >= 0.7 and ratios.max() <= 1.0
+    else:
+        assert abs(ratios.mean().item() - 2 / math.pi) < 0.001  # E cos(pi/2 u) for u ~ U[0, 1)
+
+
+def test_validation_weighs_every_mask_ratio_equally():
+    """Under the truncated Gaussian every training batch's ratio counts once; validation's per-sample ratios
+    weigh 1 / n_masked per masked position so that each sample (each ratio) counts once too."""
+    v = tiny("vq-random").eval()
+    tokens, text, mask = batch(v)
+    _, weight = v.outputs(tokens, text, mask, gen(4), validation=True)
+    masked = weight > 0
+    assert masked.sum(1).unique().numel() > 1  # ratios differ per sample
+    torch.testing.assert_close(weight.sum(1), torch.full((B,), float(L)))
+
+
+def _learn_constant_images(name: str, steps: int = 60) -> tuple[torch.nn.Module, tuple]:
+    """A tiny random-order variant trained on images whose tokens all repeat one value: its loss falls steeply
+    with the share of tokens revealed, so the mask ratio and timesteps drawn move it."""
+    v = tiny(name, text_dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    if v.token_kind == "vq":
+        tokens = torch.randint(0, V, (n, 1), generator=g).expand(n, L).contiguous()
+    else:
+        tokens = torch.randn(n, 1, C, generator=g).expand(n, L, C).contiguous()
+    data = (tokens, torch.randn(n, T, D, generator=g), torch.ones(n, T, dtype=torch.bool))
+    opt = torch.optim.AdamW(v.param_groups(0.0), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        v.loss(*data, generator=g).backward()
+        opt.step()
+    return v.eval(), data
+
+
+def test_validation_masks_cut_the_seed_to_seed_spread():
+    """The mask ratio drawn is what moves a random-order loss most; the diffusion head's timesteps: below."""
+    v, data = _learn_constant_images("vq-random")
+    with torch.no_grad():
+        spread = {mode: torch.stack([v.loss(*data, generator=gen(s), validation=mode) for s in range(16)]).std()
+                  for mode in (False, True)}
+        again = [v.loss(*data, generator=gen(3), validation=True) for _ in range(2)]
+    assert torch.equal(*again)
+    assert spread[True] < 0.5 * spread[False], spread
+
+
+def test_stratified_timesteps_cover_the_schedule_and_cut_the_spread():
+    head, data, z = _briefly_trained_head()
+    with torch.no_grad():
+        spread = {mode: torch.stack([head.loss(z, data, generator=gen(s), validation=mode) for s in range(16)]).std()
+                  for mode in (False, True)}
+    assert spread[True] < 0.5 * spread[False], spread
+    seen = []
+    original = head.diffusion.training_loss
+    head.diffusion.training_loss = lambda net, x0, g, t=None: seen.append(t) or original(net, x0, g, t=t)
+    with torch.no_grad():
+        head.loss(z, data, generator=gen(0), validation=True)
+    counts = torch.bincount(seen[0] // 250, minlength=4)  # 4 x 256 rows over 1000 steps: 256 per quarter
+    assert seen[0].shape == (4 * 256,) and counts.tolist() == [256] * 4
+
+
 def test_random_order_loss_only_on_masked_positions():
     v = tiny("vq-random").eval()
     tokens, text, mask = batch(v)

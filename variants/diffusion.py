@@ -45,10 +45,12 @@ class GaussianDiffusion:
         self._train_ab: dict[str, torch.Tensor] = {}  # alphas_cumprod per device
         self._tables: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # per (steps, device)
 
-    def training_loss(self, net: Denoiser, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Per-row eps MSE (N,), t ~ U{0..S-1} and noise drawn from `generator`."""
+    def training_loss(self, net: Denoiser, x0: torch.Tensor, generator: torch.Generator | None,
+                      t: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row eps MSE (N,), t ~ U{0..S-1} (unless given, (N,) int64) and noise drawn from `generator`."""
         n = x0.shape[0]
-        t = rng.integers(self.train_steps, (n,), generator, x0.device)
+        if t is None:
+            t = rng.integers(self.train_steps, (n,), generator, x0.device)
         noise = rng.normal(tuple(x0.shape), generator, x0.device).to(x0.dtype)
         if str(x0.device) not in self._train_ab:
             self._train_ab[str(x0.device)] = self.alphas_cumprod.float().to(x0.device)

@@ -1,10 +1,11 @@
 """The two heads that turn backbone outputs z into a loss and into tokens.
 
 Both follow MAR's `DiffLoss` seam, two methods and nothing else the orders need:
-    loss(z (N, W), target, weight (N,) | None, generator) -> scalar   # weighted mean over rows
+    loss(z (N, W), target, weight (N,) | None, generator, validation) -> scalar   # weighted mean over rows
     sample(z, *, temperature, cfg_scale, generator, steps, x0_clip) -> tokens  # (N,) codes or (N, C) latents
 With guidance (`cfg_scale` not None), z holds [conditional rows; null-text rows] (2N, W) and N tokens come
-back. `token_kind` says which tokenizer layout the head speaks.
+back. `token_kind` says which tokenizer layout the head speaks. `validation` asks for the validation protocol's
+low-variance draws where the head has any (the diffusion head's timesteps).
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ class CategoricalHead(nn.Module):
         return 2 * 4.0 * seq_len * self.vocab_size
 
     def loss(self, z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Cross-entropy (nats) of codes `target` (N,) given z (N, W), averaged with `weight`."""
+             generator: torch.Generator | None = None, validation: bool = False) -> torch.Tensor:
+        """Cross-entropy (nats) of codes `target` (N,) given z (N, W), averaged with `weight` (no draws)."""
         logits = self.proj(z).float()  # (N, V)
         return _weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight)
 
@@ -152,13 +153,22 @@ class DiffusionHead(nn.Module):
         return 16.0 * seq_len * self.batch_mul * self.net.input_proj.out_features * len(self.net.blocks)
 
     def loss(self, z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, validation: bool = False) -> torch.Tensor:
         """eps-MSE of latents `target` (N, C) given z (N, W); each row repeated `batch_mul` times with its
-        own timestep and noise (MAR's diffusion_batch_mul), averaged with `weight`."""
-        m = self.batch_mul
+        own timestep and noise (MAR's diffusion_batch_mul), averaged with `weight`.
+
+        `validation`: stratified timesteps instead of independent ones: the mN rows take one timestep from each
+        of mN equal strata of [0, S) (a random row gets each stratum), so every batch covers the schedule evenly
+        and the mean over t has little sampling noise left; noise is still drawn from `generator`."""
+        m, n = self.batch_mul, z.shape[0]
         c = self.net.cond_embed(z.repeat(m, 1))  # (mN, w)
+        t = None
+        if validation:
+            strata = rng.permutations(1, m * n, generator, z.device)[0]  # (mN,): stratum of each row
+            u = rng.uniform((m * n,), generator, z.device)
+            t = ((strata + u) * (self.diffusion.train_steps / (m * n))).long()  # (mN,) in [0, S)
         per_row = self.diffusion.training_loss(lambda x_t, t: self.net(x_t, self.net.time_embed(t), c),
-                                               target.repeat(m, 1), generator)
+                                               target.repeat(m, 1), generator, t=t)
         return _weighted_mean(per_row, None if weight is None else weight.repeat(m))
 
     def sample(self, z: torch.Tensor, *, temperature: float, cfg_scale: float | None = None,

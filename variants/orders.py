@@ -69,8 +69,9 @@ class RasterOrder(nn.Module):
         return [(t + 1, t + 1, True) for t in range(self.seq_len)]
 
     def outputs(self, backbone: "Backbone", x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, None]:
-        """x: embedded tokens (B, L, W) -> z (B, L, W) where z_i predicts token i from tokens < i."""
+                generator: torch.Generator | None = None, validation: bool = False) -> tuple[torch.Tensor, None]:
+        """x: embedded tokens (B, L, W) -> z (B, L, W) where z_i predicts token i from tokens < i (no draws:
+        `validation` changes nothing)."""
         start = self.start.to(x.dtype).expand(x.shape[0], 1, -1)
         inputs = torch.cat([start, x[:, :-1]], dim=1)  # (B, L, W), teacher forcing
         return backbone(inputs, ctx, text_mask, causal=True), None
@@ -136,31 +137,48 @@ class RandomOrder(nn.Module):
         """(queries, keys, computes text K/V) of each sampling pass: `steps` full bidirectional passes."""
         return [(self.seq_len, self.seq_len, True)] * steps
 
-    def masked_counts(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    def masked_counts(self, batch: int, generator: torch.Generator | None, device: torch.device,
+                      validation: bool = False) -> torch.Tensor:
         """How many positions to mask: (1, 1) per batch (MAR's truncated Gaussian) or (B, 1) per sample
-        (MaskGIT's cos(pi/2 u)); at least one, at most L; no host sync."""
+        (MaskGIT's cos(pi/2 u)); at least one, at most L; no host sync.
+
+        `validation`: (B, 1) with no draw, sample b at the (b + 1/2) / B quantile of the same distribution. A
+        batch then covers the ratios on a fixed grid, where one draw per batch left a 500-image validation
+        split with 2 ratios and a seed-to-seed spread the size of a rung's gain (the validation protocol,
+        docs/design.md)."""
         L = self.seq_len
+        if validation:
+            u = ((torch.arange(batch, device=device, dtype=torch.float32) + 0.5) / batch)[:, None]  # (B, 1)
+        else:
+            u = rng.uniform((1, 1) if self.mask_ratio == "truncnorm" else (batch, 1), generator, device)
         if self.mask_ratio == "truncnorm":
             # MAR: scipy truncnorm((min - 1) / 0.25, 0, loc=1, scale=0.25), drawn by inverse CDF
             phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
             lo = phi((self.ratio_min - self.ratio_mean) / self.ratio_std)
             hi = phi((1.0 - self.ratio_mean) / self.ratio_std)
-            u = rng.uniform((1, 1), generator, device)
             ratio = self.ratio_mean + self.ratio_std * torch.special.ndtri(lo + u * (hi - lo))
         else:
-            ratio = torch.cos(math.pi / 2 * rng.uniform((batch, 1), generator, device))
+            ratio = torch.cos(math.pi / 2 * u)
         return torch.ceil(ratio * L).long().clamp(1, L)
 
     def outputs(self, backbone: "Backbone", x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: embedded tokens (B, L, W) -> z (B, L, W) and the loss weight (B, L): 1 at masked positions."""
+                generator: torch.Generator | None = None,
+                validation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: embedded tokens (B, L, W) -> z (B, L, W) and the loss weight (B, L): 1 at masked positions.
+
+        `validation`: mask ratios on the fixed grid of `masked_counts`. With the truncated Gaussian each sample's
+        masked positions then weigh 1 / n_masked, so every ratio counts equally, as every training batch's ratio
+        does (a weight of 1 would favour the high ratios); MaskGIT's per-sample ratios keep weight 1."""
         B, L, _ = x.shape
         order = rng.permutations(B, L, generator, x.device)  # (B, L): order[b, i] = i-th position revealed
-        n_masked = self.masked_counts(B, generator, x.device)
+        n_masked = self.masked_counts(B, generator, x.device, validation)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=x.device).expand(B, L))
         masked = rank >= L - n_masked  # (B, L): the last n_masked positions of each order are unknown
         inputs = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
-        return backbone(inputs, ctx, text_mask, causal=False), masked.float()
+        weight = masked.float()
+        if validation and self.mask_ratio == "truncnorm":
+            weight = weight * (L / n_masked)  # (B, L); x L keeps the weights near 1 (the mean is scale-free)
+        return backbone(inputs, ctx, text_mask, causal=False), weight
 
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,

@@ -55,28 +55,32 @@ class Variant(nn.Module):
     # ---- training --------------------------------------------------------------------------------------------
 
     def forward(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, validation: bool = False) -> torch.Tensor:
         """Scalar training loss of this variant (cross-entropy in nats, or eps-MSE) on predicted positions.
 
         tokens: (B, L) int codes or (B, L, C) latents; text (B, T, D); text_mask (B, T) bool, True = real.
         Every random draw (text dropout in train mode, order, mask ratio, timesteps, noise) comes from
         `generator`, so a fixed generator gives a deterministic validation loss. No host synchronisation.
+        `validation`: the same loss's low-variance estimate (mask ratios on a fixed grid of quantiles, stratified
+        diffusion timesteps; see the orders' and heads' `validation`), what eval.loss measures.
         """
         tokens, text = self._check(tokens, text, text_mask)
-        z, weight = self.outputs(tokens, text, text_mask, generator)
+        z, weight = self.outputs(tokens, text, text_mask, generator, validation)
         target = tokens.flatten(0, 1)
-        return self.head.loss(z.flatten(0, 1), target, None if weight is None else weight.flatten(), generator)
+        return self.head.loss(z.flatten(0, 1), target, None if weight is None else weight.flatten(), generator,
+                              validation=validation)
 
     loss = forward
 
     def outputs(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                generator: torch.Generator | None = None,
+                validation: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Backbone outputs z (B, L, W) and the loss weight over positions (None = all count)."""
         drop = None
         if self.training and self.text_dropout > 0:
             drop = rng.uniform((tokens.shape[0],), generator, tokens.device) < self.text_dropout
         ctx, mask = self.backbone.encode_text(text, text_mask, drop)
-        return self.order.outputs(self.backbone, self.embed(tokens), ctx, mask, generator)
+        return self.order.outputs(self.backbone, self.embed(tokens), ctx, mask, generator, validation)
 
     def _check(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Shape checks (no device sync) and dtype casts: int codes -> int64, latents and text -> param dtype."""

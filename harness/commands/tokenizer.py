@@ -20,11 +20,13 @@ def register(app: typer.Typer) -> None:
         kind: str = typer.Option(..., "--kind", help="vq (discrete codes) or kl (continuous latents)"),
         data: Path = typer.Option(..., "--data", help="a ShapesT2I folder (`fluidbench data shapes`)"),
         out: Path = typer.Option(..., "--out", help="the tokenizer folder to write"),
-        steps: int = typer.Option(0, "--steps", help="step cap (0 = train until the time budget)"),
+        steps: Optional[int] = typer.Option(None, "--steps",
+                                            help="training steps [default: vq 1800, kl 1900]"),
         budget_s: Optional[float] = typer.Option(None, "--budget-s",
-                                                 help="wall-clock budget of the training loop [default: 240]"),
+                                                 help="also stop at this wall-clock budget of the training loop "
+                                                      "(the result then depends on the machine) [default: none]"),
         min_steps: Optional[int] = typer.Option(None, "--min-steps",
-                                                help="train at least this many steps, budget or not [default: 500]"),
+                                                help="with --budget-s: train at least this many steps [default: 500]"),
         seed: int = typer.Option(0, "--seed"),
         grid: Optional[int] = typer.Option(None, "--grid", help="tokens per side [default: 8]"),
         patch: Optional[int] = typer.Option(None, "--patch", help="kl: p x p latent patch per token [default: 1]"),
@@ -35,7 +37,8 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
         lr: Optional[float] = typer.Option(None, "--lr"),
         threads: int = typer.Option(0, "--threads", help="torch threads while training (0 = auto: 2, or 1 when "
-                                                          "the machine is already busy)"),
+                                                          "the machine is already busy; set it for repeatable "
+                                                          "results: sums split over threads round differently)"),
     ) -> None:
         """Train a VQ or KL tokenizer on ShapesT2I; writes OUT/tokenizer.json, OUT/model/, OUT/metrics.json."""
         from harness.tokenizer_folder import TokenizerTrainOptions, train_tokenizer_folder
