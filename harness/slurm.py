@@ -136,7 +136,7 @@ def _slurm(*argv: str) -> str:
         raise FluidbenchError(f"{argv[0]} failed ({e}); is Slurm installed here? (docs/cluster.md)") from None
     if out.returncode:
         why = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
-        raise FluidbenchError(f"{' '.join(argv[:2])} failed: {why}")
+        raise FluidbenchError(f"{argv[0]} failed: {why} (is the Slurm controller up? `scontrol ping`)")
     return out.stdout
 
 

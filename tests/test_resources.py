@@ -107,3 +107,23 @@ def test_requests_no_partition_can_meet_are_named_by_their_section(tmp_path):
     assert resource_problems(spec, jobs, small) == [
         "sweep spec resources.train.10.5B.nodes: 32 (job train/kl-random-10.5B) but partition gpu has 16 node(s)"]
     assert "not a partition" in resource_problems(spec, jobs, {"other": gpus["gpu"] | {"default": False}})[0]
+
+
+def test_a_slurm_that_does_not_answer_is_one_line_and_nothing_is_submitted(tmp_path, monkeypatch):
+    """No controller (or no Slurm at all): squeue and sinfo failing is an error naming the command, before any
+    job is submitted; never a silent "not queued" that would submit every job a second time."""
+    from harness import slurm
+
+    conf = tmp_path / "slurm.conf"  # a controller on a closed port (answers "connect failure" at once)
+    conf.write_text("ClusterName=x\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\nMessageTimeout=1\n"
+                    "TCPTimeout=1\nNodeName=localhost CPUs=1\nPartitionName=p Nodes=ALL\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    with pytest.raises(FluidbenchError, match=r"^squeue failed"):
+        slurm.queued()
+    spec = load_spec("embedded", out=tmp_path / "e")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "slurm_jobs.json").write_text('{"data": "1"}')
+    with pytest.raises(FluidbenchError, match=r"^sinfo failed"):
+        slurm.submit(spec)
+    assert (tmp_path / "e" / "slurm_jobs.json").read_text() == '{"data": "1"}'
+    assert not (tmp_path / "e" / "sweep.log.jsonl").exists()
