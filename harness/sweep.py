@@ -16,7 +16,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from harness.atomic import append_jsonl, read_jsonl, write_json
 from harness.errors import FluidbenchError
@@ -97,12 +97,14 @@ def write_snapshot(spec: Spec) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ dry run
-def describe(spec: Spec, jobs: list[Job], executor: str) -> str:
-    """The dry run: every job with its state, resources (Slurm) and command."""
+def describe(spec: Spec, jobs: list[Job], executor: str,
+             sbatch: Callable[[Job, set[str]], str] | None = None) -> str:
+    """The dry run: every job with its state, resources (Slurm) and command; `sbatch(job, names of jobs not
+    done)` gives a job's sbatch options (harness/slurm.py)."""
     lines = [f"sweep {spec.name}: {len(jobs)} jobs, {sum(isinstance(j, TrainRun) for j in jobs)} training runs, "
              f"out {spec.root}, executor {executor}"]
     todo = {job.name for job in jobs if not is_done(spec, job)}
-    if executor == "slurm":
+    if sbatch:
         lines.append("sbatch: the #SBATCH options of each job (submitit adds its log paths); <job> = its Slurm id")
     for job in jobs:
         state = "todo" if job.name in todo else "done"
@@ -112,10 +114,8 @@ def describe(spec: Spec, jobs: list[Job], executor: str) -> str:
                  + (f", partition {r.partition}" if r.partition else ""))
         lines.append(f"{job.name}  [{state}]")
         lines.append(f"    resources: {where if executor == 'slurm' else 'this machine, in this process'}")
-        if executor == "slurm":
-            from harness.slurm import dry_run_sbatch
-
-            lines.append(f"    sbatch:    {dry_run_sbatch(spec, job, todo)}")
+        if sbatch:
+            lines.append(f"    sbatch:    {sbatch(job, todo)}")
         if job.deps:
             kind = "afterany" if job.waits_for_any else "afterok"
             deps = job.deps if len(job.deps) <= 6 else job.deps[:3] + [f"... {len(job.deps) - 3} more"]

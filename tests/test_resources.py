@@ -29,10 +29,11 @@ def test_prep_and_report_jobs_ask_for_no_gpu_unless_the_spec_says_so(tmp_path):
     assert jobs["train/kl-random-cpu-xs"].resources.gpus_per_node == 1
     assert jobs["eval/fid/kl-random-cpu-xs"].resources.gpus_per_node == 1
     # `default` is the spec's word for every kind; a kind's own section and train.<size> go on top
-    spec = _spec(tmp_path, "  default: {gpus_per_node: 0, cpus_per_task: 2}\n  train: {mem_gb: 8, cpu-s: {gpus_per_node: 2}}\n")
+    spec = _spec(tmp_path, "  default: {gpus_per_node: 0, cpus_per_task: 2}\n"
+                           "  train: {default: {mem_gb: 8}, cpu-s: {gpus_per_node: 2}}\n")
     jobs = {j.name: j for j in plan(spec)}
     assert jobs["train/kl-random-cpu-xs"].resources.gpus_per_node == 0
-    assert jobs["train/kl-random-cpu-xs"].resources.mem_gb == 8  # train's own keys apply to every size
+    assert jobs["train/kl-random-cpu-xs"].resources.mem_gb == 8
     big = jobs["train/kl-random-cpu-s"].resources
     assert (big.gpus_per_node, big.tasks_per_node, big.cpus_per_task, big.mem_gb) == (2, 2, 2, 8)
     paper = {j.name: j for j in plan(load_spec("fluid-paper", out=tmp_path / "p"))}
@@ -40,13 +41,13 @@ def test_prep_and_report_jobs_ask_for_no_gpu_unless_the_spec_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("resources, message", [
-    ("  trian: {nodes: 2}\n", r"resources.trian: unknown job kind"),
-    ("  eval: {gpu: 1}\n", r"resources.eval: unknown key 'gpu'"),
-    ("  eval: {gpus_per_node: -1}\n", r"resources.eval.gpus_per_node: expected a whole number >= 0"),
-    ("  default: {mem_gb: 4.5}\n", r"resources.prep.mem_gb: expected a whole number >= 1"),
-    ("  train: {cpu-xxl: {nodes: 2}}\n", r"resources.train.cpu-xxl: not a size of this sweep"),
-    ("  train: {cpu-s: {time_min: 0}}\n", r"resources.train.cpu-s.time_min: expected a whole number >= 1"),
-    ("  report: {partition: 3}\n", r"resources.report.partition: expected a name"),
+    ("  trian: {nodes: 2}\n", r"unknown key 'resources.trian'"),
+    ("  eval: {gpu: 1}\n", r"unknown key 'resources.eval.gpu'"),
+    ("  eval: {gpus_per_node: -1}\n", r"resources.eval: gpus_per_node must be >= 0 \(0: a CPU job\)"),
+    ("  default: {mem_gb: 4.5}\n", r"resources.default.mem_gb: expected int"),
+    ("  train: {cpu-xxl: {nodes: 2}}\n", r"resources.train.cpu-xxl: not in the cpu ladder"),
+    ("  train: {cpu-s: {time_min: 0}}\n", r"resources.train.cpu-s: time_min must be >= 1"),
+    ("  report: {partition: 3}\n", r"resources.report.partition: expected str"),
 ])
 def test_bad_resources_fail_when_the_spec_is_read(tmp_path, resources, message):
     with pytest.raises(FluidbenchError, match=message):

@@ -114,8 +114,9 @@ def test_a_training_job_warned_by_slurm_is_requeued_and_resumes_bit_identically(
     """USR2 (what Slurm sends `--signal` seconds before the time limit, or on preemption) mid-run: the trainer
     saves, submitit requeues the job, the requeued job resumes from that checkpoint and ends exactly where an
     uninterrupted run of the same settings does."""
-    from harness import stages
     from harness.checkpoint import list_checkpoints, load_checkpoint
+    from harness.config import RunConfig
+    from harness.train import train
 
     values = tiny_values(inputs, tmp_path / "unused", variant="kl-random",
                          **{"train.steps": 120, "train.ckpt_every": 20, "train.log_every": 20, "train.val_every": 0,
@@ -129,7 +130,7 @@ def test_a_training_job_warned_by_slurm_is_requeued_and_resumes_bit_identically(
     (tmp_path / "requeue.yaml").write_text(spec_text)
     spec = load_spec(tmp_path / "requeue.yaml", out=tmp_path / "sweep")
     job = next(j for j in plan(spec) if j.name == "train/kl-random-cpu-xs")
-    out = Path(job.args["values"]["out"])
+    out = Path(job.values["out"])
 
     ids = slurm.submit(spec, [job])
     job_id = ids[job.name]
@@ -160,11 +161,11 @@ def test_a_training_job_warned_by_slurm_is_requeued_and_resumes_bit_identically(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(20, 121, 20))
 
-    reference = dict(job.args["values"], out=str(tmp_path / "reference"))
+    reference = dict(job.values, out=str(tmp_path / "reference"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Slurm job (cpus_per_task 1)
     try:
-        stages.train_run(spec, reference)
+        train(RunConfig.from_overrides(reference))
     finally:
         torch.set_num_threads(threads)
     _assert_same_state(saved[-1], load_checkpoint(list_checkpoints(tmp_path / "reference")[-1]))

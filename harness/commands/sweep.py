@@ -49,7 +49,12 @@ def sweep(
         if missing and not dry_run and executor is Executor.local:
             raise ValueError(f"--only {only!r}: needs {', '.join(missing)} done first (run them, or widen --only)")
     if dry_run:
-        typer.echo(sweeps.describe(loaded, jobs, executor.value))
+        sbatch = None
+        if executor is Executor.slurm:
+            from harness.slurm import dry_run_sbatch
+
+            sbatch = lambda job, todo: dry_run_sbatch(loaded, job, todo)  # noqa: E731
+        typer.echo(sweeps.describe(loaded, jobs, executor.value, sbatch))
         return
     if executor is Executor.slurm:
         from harness import slurm
