@@ -40,9 +40,21 @@ class Resources:
     qos: str | None = None
     constraint: str | None = None
 
+    def __post_init__(self) -> None:
+        for key in ("nodes", "cpus_per_task", "mem_gb", "time_min"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"gpus_per_node must be >= 0 (0: a CPU job), got {self.gpus_per_node}")
+
     @property
     def tasks_per_node(self) -> int:
         return max(self.gpus_per_node, 1)
+
+
+# Data, tokenizers, caches, features, tokenizer ceilings (prep) and the report are CPU jobs unless the spec asks
+# for GPUs (in `resources.default` or the kind's own section); training and evaluation ask for one GPU.
+KIND_DEFAULTS = {"prep": {"gpus_per_node": 0}, "report": {"gpus_per_node": 0}}
 
 
 @dataclass
@@ -236,7 +248,7 @@ class Spec:
     def resources_for(self, kind: str, size: str | None = None) -> Resources:
         """Resources of a job kind (prep, train, eval, report), per size for training when the spec says so."""
         r = self.resources
-        values = given(r.default) if r.default else {}
+        values = {**KIND_DEFAULTS.get(kind, {}), **(given(r.default) if r.default else {})}
         if kind == "train":
             for key in ("default", size):
                 values.update(given(r.train[key]) if key in r.train else {})

@@ -16,7 +16,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from harness.atomic import append_jsonl, read_jsonl, write_json
 from harness.errors import FluidbenchError
@@ -97,18 +97,25 @@ def write_snapshot(spec: Spec) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ dry run
-def describe(spec: Spec, jobs: list[Job], executor: str) -> str:
-    """The dry run: every job with its state, resources (Slurm) and command."""
+def describe(spec: Spec, jobs: list[Job], executor: str,
+             sbatch: Callable[[Job, set[str]], str] | None = None) -> str:
+    """The dry run: every job with its state, resources (Slurm) and command; `sbatch(job, names of jobs not
+    done)` gives a job's sbatch options (harness/slurm.py)."""
     lines = [f"sweep {spec.name}: {len(jobs)} jobs, {sum(isinstance(j, TrainRun) for j in jobs)} training runs, "
              f"out {spec.root}, executor {executor}"]
+    todo = {job.name for job in jobs if not is_done(spec, job)}
+    if sbatch:
+        lines.append("sbatch: the #SBATCH options of each job (submitit adds its log paths); <job> = its Slurm id")
     for job in jobs:
-        state = "done" if is_done(spec, job) else "todo"
+        state = "todo" if job.name in todo else "done"
         r = job.resources
         where = (f"{r.nodes} node(s) x {r.gpus_per_node} GPU, {r.tasks_per_node} task(s)/node, "
                  f"{r.cpus_per_task} cpu/task, {r.mem_gb} GB, {r.time_min} min"
                  + (f", partition {r.partition}" if r.partition else ""))
         lines.append(f"{job.name}  [{state}]")
         lines.append(f"    resources: {where if executor == 'slurm' else 'this machine, in this process'}")
+        if sbatch:
+            lines.append(f"    sbatch:    {sbatch(job, todo)}")
         if job.deps:
             kind = "afterany" if job.waits_for_any else "afterok"
             deps = job.deps if len(job.deps) <= 6 else job.deps[:3] + [f"... {len(job.deps) - 3} more"]

@@ -40,15 +40,15 @@ def test_fluid_paper_plan_has_21_training_runs_each_with_its_evaluations(tmp_pat
 
 
 def test_fluid_paper_resources_and_slurm_parameters(tmp_path):
-    from harness.slurm import executor_parameters
+    from harness.slurm import executor_parameters, max_requeues
 
     spec = load_spec("fluid-paper", out=tmp_path / "paper")
     jobs = {j.name: j for j in plan(spec)}
     big = executor_parameters(spec, jobs["train/kl-random-10.5B"])
-    assert big["nodes"] == 32 and big["gpus_per_node"] == 8 and big["tasks_per_node"] == 8  # one task per GPU
-    assert big["slurm_max_num_timeout"] >= 10 and big["slurm_signal_delay_s"] > 0
+    assert big["nodes"] == 32 and big["gpus_per_node"] == 8 and big["ntasks_per_node"] == 8  # one task per GPU
+    assert max_requeues(spec) >= 10 and big["signal_delay_s"] > 0
     small = executor_parameters(spec, jobs["eval/fid/vq-raster-166M"])
-    assert small["nodes"] == 1 and small["tasks_per_node"] == 1
+    assert small["nodes"] == 1 and small["ntasks_per_node"] == 1
     values = jobs["train/kl-random-3.1B"].args["values"]
     assert values["dist.strategy"] == "fsdp2" and values["train.batch_size"] == 2048
     assert values["model.ladder"] == "paper" and values["text.encoder"] == "t5"

@@ -25,6 +25,8 @@ def sweep(
     out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: the spec's `out`)."),
     only: Optional[str] = typer.Option(None, "--only", help="Run only the jobs whose names match this glob, e.g. "
                                        "'train/kl-*' or 'ceiling/vq' (their dependencies must be done)."),
+    wait: bool = typer.Option(False, "--wait", help="slurm: after submitting, wait until the jobs leave the queue "
+                              "(squeue) and exit non-zero if any did not finish."),
 ) -> None:
     """Run a sweep: data, tokenizers, every (variant, size) training run, its evaluations, then the report."""
     from harness import sweep as sweeps
@@ -47,16 +49,27 @@ def sweep(
         if missing and not dry_run and executor is Executor.local:
             raise ValueError(f"--only {only!r}: needs {', '.join(missing)} done first (run them, or widen --only)")
     if dry_run:
-        typer.echo(sweeps.describe(loaded, jobs, executor.value))
+        sbatch = None
+        if executor is Executor.slurm:
+            from harness.slurm import dry_run_sbatch
+
+            sbatch = lambda job, todo: dry_run_sbatch(loaded, job, todo)  # noqa: E731
+        typer.echo(sweeps.describe(loaded, jobs, executor.value, sbatch))
         return
     if executor is Executor.slurm:
-        from harness.slurm import submit
+        from harness import slurm
 
-        submit(loaded, jobs)
+        ids = slurm.submit(loaded, jobs)
+        if wait:
+            _report(loaded, slurm.wait(loaded, ids))
         return
     from harness.local import run_local
 
-    status = run_local(loaded, jobs)
+    _report(loaded, run_local(loaded, jobs))
+
+
+def _report(loaded, status: dict[str, str]) -> None:
+    """The end of a sweep here (or of one waited for on Slurm): what failed, else where the results are."""
     failed = [name for name, s in status.items() if s in ("failed", "blocked")]
     if failed:
         typer.echo(f"{len(failed)} job(s) failed or blocked: {', '.join(failed)} (details: "
