@@ -39,7 +39,7 @@ def build(cls: type[T], values: Any, path: str, owner: str | None = None) -> T:
     missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise FluidbenchError(f"{_join(path, missing[0])}: missing")
+        raise FluidbenchError(f"missing key {_join(path, missing[0])!r}")
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as e:  # a __post_init__ check

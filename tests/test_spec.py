@@ -129,3 +129,59 @@ def test_the_command_line_of_an_evaluation_is_one_the_cli_takes(tmp_path):
             command = group.commands[job.metric]
             context = command.make_context(job.metric, words[3:])  # parses, or raises on an unknown option
             assert context.params["run"] == Path(job.run_dir)
+
+
+def test_a_missing_section_is_named():
+    values = {k: v for k, v in EMBEDDED.items() if k != "tokenizers"}
+    with pytest.raises(FluidbenchError, match="missing key 'tokenizers'"):
+        from harness.schema import build
+        from harness.spec import Spec
+
+        build(Spec, values, "")
+
+
+def test_a_new_metric_is_one_registry_entry(tmp_path, monkeypatch):
+    """One Metric entry (settings type + function) gives the spec key, the sweep job with its command line, the
+    CLI command and the table columns."""
+    import dataclasses
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from eval import metrics
+    from eval.settings import flag
+    from harness.commands.eval_run import command
+    from harness.jobs import Evaluate
+
+    @dataclasses.dataclass
+    class ToySettings:
+        n: int = flag(10, "--n", help="Samples.")
+
+    def toy(run_dir, settings, sampling, **extra):
+        result = {"toy": settings.n * 0.5, "sampling_stats": {"seconds_per_image": 0.25}}
+        (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "eval" / "toy.json").write_text(json.dumps(result))
+        return result
+
+    toy_metric = metrics.Metric("toy", toy, ToySettings, "toy.json", ("toy",), lambda r: {"toy": r.get("toy")},
+                                lambda r: f"toy={r['toy']}", "A toy metric.", lambda s: s.n)
+    monkeypatch.setitem(metrics.METRICS, "toy", toy_metric)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_set(EMBEDDED, "eval.toy", {"n": 7})))
+    jobs = [j for j in plan(load_spec(path, out=tmp_path / "e")) if isinstance(j, Evaluate) and j.metric == "toy"]
+    assert len(jobs) == 12 and jobs[0].settings.n == 7 and jobs[0].outputs[0].endswith("eval/toy.json")
+    assert " --n 7 " in jobs[0].command + " "
+    path.write_text(yaml.safe_dump(_set(EMBEDDED, "eval.toy", {"m": 7})))
+    with pytest.raises(FluidbenchError, match="eval.toy.m: not a setting of eval_toy"):
+        load_spec(path)
+
+    app = typer.Typer()
+    app.command("toy")(command(toy_metric))
+    app.command("other")(lambda: None)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["toy", "--run", str(run), "--n", "4"])
+    assert result.exit_code == 0, result.output
+    assert "toy=2.0" in result.output
+    row = metrics.table_row(run, lambda p: json.loads(p.read_text()) if p.is_file() else {})
+    assert row["toy"] == 2.0
