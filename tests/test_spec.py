@@ -185,3 +185,35 @@ def test_a_new_metric_is_one_registry_entry(tmp_path, monkeypatch):
     assert "toy=2.0" in result.output
     row = metrics.table_row(run, lambda p: json.loads(p.read_text()) if p.is_file() else {})
     assert row["toy"] == 2.0
+
+
+def test_option_types_default_to_what_their_functions_default_to():
+    """A job passes every field of its options type, so a field's default must be its function's (no drift)."""
+    import dataclasses
+    import inspect
+
+    import typer
+
+    from eval.metrics import METRICS
+    from eval.run_eval import eval_clipscore, eval_fid, eval_geneval
+    from eval.shapes_features import train_features
+    from harness.cli import app
+    from harness.data.shapes import write_shapes
+    from harness.spec import FeatureOptions, ShapesOptions
+    from harness.tokenizer_folder import TokenizerTrainOptions
+
+    def defaults(fn, rename=None):
+        rename = rename or {}
+        return {rename.get(k, k): p.default for k, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    def fields(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    assert fields(FeatureOptions).items() <= defaults(train_features).items()
+    assert fields(ShapesOptions).items() <= defaults(write_shapes, {"n_train": "train", "n_val": "val"}).items()
+    for name, fn in (("fid", eval_fid), ("geneval", eval_geneval), ("clipscore", eval_clipscore)):
+        assert fields(METRICS[name].settings).items() <= defaults(fn).items(), name
+    train = typer.main.get_command(app).commands["tokenizer"].commands["train"]
+    cli = {p.name: p.default for p in train.params if p.name not in ("kind", "data", "out")}
+    assert cli == fields(TokenizerTrainOptions)
