@@ -11,48 +11,25 @@ ones of our embedded architecture (decode time does not depend on the weights); 
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
-import re
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from harness.bench_fixtures import RandomText, Setting, captions, fake_cache, stand_in_tokenizer  # noqa: F401
+from harness.bench_probes import (Clock, Marks, Probe, loadavg, machine_info, median_seconds,  # noqa: F401
+                                  peak_memory, throughput)
 from harness.errors import FluidbenchError
 
 FORMAT = 1
 OUTSIDE_TARGET, KV_TARGET = 0.10, 5.0  # docs/benchmarks.md, "Targets"
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s); the first name found in the device name wins.
-PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0)]
-CAPTIONS = ["a red circle", "a blue square to the left of a green triangle", "two yellow stars",
-            "a purple circle above an orange square", "three green triangles", "a white star below a red circle",
-            "a photo of a blue triangle and a yellow square", "four red squares"]
 
-
-@dataclass
-class Setting:
-    """One model shape at which all four variants are measured."""
-    name: str
-    ladder: str
-    size: str
-    seq_len: int
-    vocab_size: int
-    token_dim: int
-    image_size: int           # the stand-in tokenizer's resolution (f4, so grid = image_size / 4)
-    train_batch: int
-    sample_batch: int
-    head_steps: int | None    # diffusion head steps while timing; None = the paper's (100)
-    kv_batch: int = 0         # > 0: also time raster sampling without its KV cache, at this batch
-    options: dict = field(default_factory=dict)  # build_variant options (tests: fewer random-order steps)
 
 
 @dataclass
@@ -102,127 +79,10 @@ def bench_config(size: str = "cpu-s", *, ladder: str = "cpu", quick: bool = Fals
     return replace(cfg, **overrides)
 
 
-# ---- clocks, memory, machine ---------------------------------------------------------------------------------
-
 def _device(name: str) -> torch.device:
     from harness.devices import default_device
 
     return default_device(name)
-
-
-class Clock:
-    """(wall, cpu) seconds: wall includes the device's queued work (CUDA is synchronised at each reading); cpu
-    is this process's CPU time, the steadier measure on a shared machine (with 1 thread, the idle wall time)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self) -> tuple[float, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter(), time.process_time()
-
-
-class Marks:
-    """Timestamps inside a loop without host synchronisation: CUDA events on GPUs, (wall, cpu) times on CPUs."""
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.marks = device.type == "cuda", []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append((time.perf_counter(), time.process_time()))
-
-    def seconds(self, i: int, j: int, cpu: bool = False) -> float | None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return None if cpu else self.marks[i].elapsed_time(self.marks[j]) / 1e3
-        return self.marks[j][cpu] - self.marks[i][cpu]
-
-
-def _median_seconds(fn: Callable[[], Any], reps: int, clock: Clock) -> tuple[float, float | None]:
-    """Median (wall, cpu) seconds of `reps` calls; cpu is None on CUDA."""
-    wall, cpu = [], []
-    for _ in range(max(reps, 1)):
-        w0, c0 = clock()
-        fn()
-        w1, c1 = clock()
-        wall.append(w1 - w0)
-        cpu.append(c1 - c0)
-    return statistics.median(wall), None if clock.cuda else statistics.median(cpu)
-
-
-def _rss_kib(field_name: str) -> int | None:
-    try:
-        m = re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text())
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict]:
-    """Peak memory of the block in MiB: CUDA max_memory_allocated, else the process's peak resident set
-    (Linux resets it through /proc/self/clear_refs; elsewhere ru_maxrss, the peak since the process began).
-    The RSS includes torch and the text encoder: compare against `memory_before_mib`."""
-    out: dict = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        yield out
-        out.update(peak_memory_mib=torch.cuda.max_memory_allocated(device) / 2**20,
-                   memory_before_mib=before / 2**20, memory="cuda_max_allocated")
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        kind = "peak_rss"
-    except OSError:
-        kind = "ru_maxrss_since_start"
-    before = _rss_kib("VmRSS")
-    yield out
-    kib = _rss_kib("VmHWM") if kind == "peak_rss" else None
-    if kib is None:
-        import resource
-        kib, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss_since_start"
-    out.update(peak_memory_mib=kib / 1024, memory_before_mib=before / 1024 if before else None, memory=kind)
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    info = dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                cpu=cpu, cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-                interop_threads=torch.get_num_interop_threads(), device=str(device), loadavg_start=_loadavg())
-    if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    return info
-
-
-def _loadavg() -> list[float] | None:
-    """1/5/15-minute load averages: above the core count, the machine was shared while measuring."""
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
-
-
-def _throughput(flops_per_s: float, device: torch.device, cfg: "BenchConfig") -> dict:
-    peak = peak_tflops(device, cfg.peak_tflops)
-    tflops = flops_per_s / 1e12
-    return dict(achieved_tflops=tflops, mfu=tflops / peak if peak else None)
 
 
 def _bf16(cfg: "BenchConfig", device: torch.device) -> bool:
@@ -231,79 +91,8 @@ def _bf16(cfg: "BenchConfig", device: torch.device) -> bool:
     return autocast_dtype(cfg.dtype, device) is not None  # the training loop's rule
 
 
-# ---- probes: forward passes and head evaluations counted, time split by component -----------------------------
-
-class Probe:
-    """Counts backbone passes (a forward pre-hook on the first backbone block, which every pass runs, cached
-    or not) and head evaluations (rows into the head's output layer), and times text alignment, backbone and
-    head by wrapping those methods on this instance only. Everything is removed on exit."""
-
-    TIMED = {"text_aligner": ("backbone", ("encode_text", "guided_text")),
-             "backbone": ("backbone", ("forward", "decode")), "head": ("head", ("sample",))}
-
-    def __init__(self, variant: nn.Module, clock: Clock):
-        self.variant, self.clock = variant, clock
-        self.pass_rows: list[int] = []
-        self.head_rows = 0
-        self.seconds = dict.fromkeys(self.TIMED, 0.0)
-        self._inside = False
-
-    def __enter__(self) -> "Probe":
-        def count_head(module: nn.Module, args: tuple) -> None:
-            self.head_rows += args[0].shape[0]
-
-        # the head's last Linear maps to tokens (categorical logits, predicted eps): one row per evaluation
-        out_layer = [m for m in self.variant.head.modules() if isinstance(m, nn.Linear)][-1]
-        self._hooks = [self.variant.backbone.blocks[0].register_forward_pre_hook(
-                           lambda module, args: self.pass_rows.append(args[0].shape[0])),
-                       out_layer.register_forward_pre_hook(count_head)]
-        self._wrapped = []
-        for part, (owner, methods) in self.TIMED.items():
-            module = getattr(self.variant, owner)
-            for name in methods:
-                setattr(module, name, self._timed(part, getattr(module, name)))
-                self._wrapped.append((module, name))
-        return self
-
-    def _timed(self, part: str, fn: Callable) -> Callable:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self._inside:  # guided_text calls encode_text: count the outer call only
-                return fn(*args, **kwargs)
-            self._inside, t0 = True, self.clock()[0]
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[part] += self.clock()[0] - t0
-                self._inside = False
-        return call
-
-    def __exit__(self, *exc: Any) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        for module, name in self._wrapped:
-            delattr(module, name)  # the instance attribute goes; the class's method is back
-
 
 # ---- training ------------------------------------------------------------------------------------------------
-
-def _fake_cache(folder: Path, kind: str, setting: Setting, items: int, text_len: int, text_dim: int,
-                seed: int) -> Path:
-    """A cache folder in harness.cache's layout filled with random tokens and text, so that the training step
-    reads its batches through the same CachedSplit.batch as a real run."""
-    from harness.cache import LAYOUTS
-
-    rng = np.random.default_rng(seed)
-    L, C = setting.seq_len, setting.token_dim
-    arrays = {"text": rng.standard_normal((items, text_len, text_dim)).astype(np.float16),
-              "text_mask": np.arange(text_len)[None] < rng.integers(3, text_len + 1, (items, 1)),
-              **LAYOUTS[kind].random(rng, items, L, C, setting.vocab_size)}
-    for name, a in arrays.items():
-        np.save(folder / f"{name}.npy", a)
-    manifest = dict(kind=kind, n=items, seq_len=L, token_dim=C, vocab_size=setting.vocab_size, text_dim=text_dim,
-                    max_length=text_len, note="random arrays written by fluidbench bench")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
-
 
 def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, device: torch.device,
                      text_len: int, text_dim: int) -> dict:
@@ -328,7 +117,7 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
     loss_sum = torch.zeros((), device=device)
     marks, steps = Marks(device), cfg.train_warmup + cfg.train_reps
     with tempfile.TemporaryDirectory(prefix="fluidbench-bench-") as tmp:
-        data = CachedSplit(_fake_cache(Path(tmp), variant.token_kind, setting, 4 * setting.train_batch, text_len,
+        data = CachedSplit(fake_cache(Path(tmp), variant.token_kind, setting, 4 * setting.train_batch, text_len,
                                        text_dim, cfg.seed))
         sampler = EpochSampler(len(data), setting.train_batch, cfg.seed)
         with peak_memory(device) as memory:
@@ -352,7 +141,7 @@ def measure_training(variant: nn.Module, setting: Setting, cfg: BenchConfig, dev
     flops = float(variant.train_flops_per_image())
     return dict(batch_size=setting.train_batch, step_s=step_s, step_cpu_s=cpu, images_per_s=images_per_s,
                 tokens_per_s=images_per_s * setting.seq_len, outside_forward_backward=1 - inside / total,
-                flops_per_image=flops, **_throughput(flops * images_per_s, device, cfg), **memory,
+                flops_per_image=flops, **throughput(flops * images_per_s, device, cfg.peak_tflops), **memory,
                 mean_loss=float(loss_sum) / steps)
 
 
@@ -382,8 +171,8 @@ def measure_sampling(variant: nn.Module, text: torch.Tensor, text_mask: torch.Te
     probe_s = clock()[0] - t0
     stats = dict(variant.last_sample_stats)
     with peak_memory(device) as memory:
-        wall, cpu = _median_seconds(run, reps, clock)
-    decode, _ = _median_seconds(lambda: tokenizer.decode(tokens), reps, clock)
+        wall, cpu = median_seconds(run, reps, clock)
+    decode, _ = median_seconds(lambda: tokenizer.decode(tokens), reps, clock)
 
     steps, used, rows = stats["steps"], stats["head_steps"], 2 if stats["cfg_scale"] != 1.0 else 1
     cost = variant.sampling_cost(cfg_scale=cfg_scale, head_steps=head_steps, kv_cache=kv_cache)
@@ -401,7 +190,7 @@ def measure_sampling(variant: nn.Module, text: torch.Tensor, text_mask: torch.Te
                reported_forward_passes_per_image=reported,
                counts_match=counted == expected and set(reported.values()) == {expected["forward_passes_per_image"]},
                instrumented_seconds_per_image=split, flops_per_image=cost["flops"],
-               **_throughput(cost["flops"] * B / wall, device, cfg), **memory)
+               **throughput(cost["flops"] * B / wall, device, cfg.peak_tflops), **memory)
     paper = variant.defaults["head_steps"]
     if paper and used and used != paper:  # the head's time grows with its steps: an estimate, labelled so
         head_s = split["head"] * wall / max(probe_s, 1e-12)  # its share of the instrumented run, of a timed one
@@ -416,18 +205,6 @@ def _per(total: int, batch: int) -> int | float:
 def _has_kv_cache(variant: nn.Module) -> bool:
     """Whether sampling without a cache costs more, by the variant's own accounting (raster order)."""
     return variant.sampling_cost(kv_cache=False)["flops"] > variant.sampling_cost(kv_cache=True)["flops"]
-
-
-def stand_in_tokenizer(kind: str, setting: Setting, seed: int, device: torch.device) -> nn.Module:
-    """A randomly initialised tokenizer of the embedded architecture (f4) giving `setting.seq_len` tokens."""
-    from variants.tokenizer_train import TokenizerTrainConfig, build_tokenizer
-    grid = int(round(setting.seq_len ** 0.5))
-    from harness.cache import LAYOUTS
-
-    channels = LAYOUTS[kind].latent_channels(setting.token_dim) or TokenizerTrainConfig.latent_channels
-    tc = TokenizerTrainConfig(kind=kind, image_size=setting.image_size, grid=grid, latent_channels=channels,
-                              codebook_size=setting.vocab_size, seed=seed)
-    return build_tokenizer(tc).to(device)
 
 
 # ---- the whole bench -----------------------------------------------------------------------------------------
@@ -450,8 +227,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         results, kv_rows = [], []
         bar = tqdm(total=len(cfg.settings) * len(cfg.variants), desc="bench", unit="variant", disable=not progress)
         for setting in cfg.settings:
-            captions = _captions(setting.sample_batch)
-            encode_s = _median_seconds(lambda: encoder.encode(captions), cfg.reps, Clock(device))[0] / len(captions)
+            texts = captions(setting.sample_batch)
+            encode_s = median_seconds(lambda: encoder.encode(texts), cfg.reps, Clock(device))[0] / len(texts)
             built, tokenizers = {}, {}
             for name in cfg.variants:
                 bar.set_postfix_str(f"{setting.name} {name}")
@@ -471,26 +248,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                results=results, kv_cache=kv_rows)
     doc.update(kv_cache_summary(kv_rows))
     doc["targets"] = check_targets(doc)
-    doc["machine"]["loadavg_end"] = _loadavg()
+    doc["machine"]["loadavg_end"] = loadavg()
     doc["wall_s"] = time.perf_counter() - t_start
     return doc
-
-
-class RandomText:
-    """Stands in for the text encoder: random (B, 32, 384) embeddings, MiniLM's shape, at no cost."""
-    name, dim, max_length = "random", 384, 32
-
-    def __init__(self, device: torch.device):
-        self.generator = torch.Generator().manual_seed(0)
-        self.device = device
-
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        text = torch.randn(len(captions), self.max_length, self.dim, generator=self.generator)
-        return text.to(self.device), torch.ones(len(captions), self.max_length, dtype=torch.bool, device=self.device)
-
-
-def _captions(n: int) -> list[str]:
-    return [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
 
 
 def _bench_variant(name: str, setting: Setting, cfg: BenchConfig, device: torch.device, encoder: Any,
@@ -513,7 +273,7 @@ def _bench_variant(name: str, setting: Setting, cfg: BenchConfig, device: torch.
     row: dict[str, Any] = dict(setting=setting.name, variant=name, ladder=setting.ladder, size=setting.size,
                                seq_len=setting.seq_len, params=variant.param_counts())
     row["train"] = measure_training(variant, setting, cfg, device, encoder.max_length, encoder.dim)
-    text, text_mask = encoder.encode(_captions(setting.sample_batch))
+    text, text_mask = encoder.encode(captions(setting.sample_batch))
     row["sample"] = {}
     for guidance, cfg_scale in (("guided", None), ("unguided", 1.0)):
         m = measure_sampling(variant, text, text_mask, tokenizer, cfg_scale=cfg_scale,
@@ -547,7 +307,7 @@ def _kv_comparison(setting: Setting, rows: list[dict], built: dict, cfg: BenchCo
         return []
     row = min(cached, key=lambda r: r["sample"]["guided"]["split"]["head"])
     variant, tokenizer = built[row["variant"]]
-    text, text_mask = encoder.encode(_captions(setting.kv_batch))
+    text, text_mask = encoder.encode(captions(setting.kv_batch))
     common = dict(cfg_scale=None, head_steps=setting.head_steps, cfg=cfg, device=device)
     with_cache = measure_sampling(variant, text, text_mask, tokenizer, **common)
     # the slow path takes >= 5x as long as the fast one (256 passes over a growing prefix, each averaging

@@ -178,6 +178,21 @@ def build_cache(folder: str | os.PathLike, key: dict, dataset, tokenizer, text_e
     return folder
 
 
+def write_arrays(folder: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], **manifest: Any) -> Path:
+    """A cache folder from arrays in memory (the kind's token arrays, text, text_mask) and its manifest fields,
+    in the layout CachedSplit reads (the bench fills one with random values)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [name for name in ARRAYS[kind] if name not in arrays]
+    if missing:
+        raise ValueError(f"a {kind} cache needs {', '.join(ARRAYS[kind])}; {missing[0]} is missing")
+    for name in ARRAYS[kind]:
+        np.save(folder / f"{name}.npy", arrays[name])
+    n = len(arrays["text"])
+    (folder / "manifest.json").write_text(json.dumps(dict(kind=kind, n=n, **manifest), indent=2, sort_keys=True))
+    return folder
+
+
 def _open_arrays(folder: Path, n: int, kind: str, L: int, C: int, T: int, D: int) -> dict[str, np.memmap]:
     shapes = dict(**LAYOUTS[kind].shapes(n, L, C), text=((n, T, D), np.float16), text_mask=((n, T), np.bool_))
     return {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=shapes[name][1],
