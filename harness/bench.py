@@ -31,7 +31,6 @@ FORMAT = 1
 OUTSIDE_TARGET, KV_TARGET = 0.10, 5.0  # docs/benchmarks.md, "Targets"
 
 
-
 @dataclass
 class BenchConfig:
     """Everything that changes the numbers; written into bench.json."""
