@@ -217,3 +217,34 @@ def test_option_types_default_to_what_their_functions_default_to():
     train = typer.main.get_command(app).commands["tokenizer"].commands["train"]
     cli = {p.name: p.default for p in train.params if p.name not in ("kind", "data", "out")}
     assert cli == fields(TokenizerTrainOptions)
+
+
+def test_every_job_command_line_parses_as_the_cli(tmp_path):
+    """Every job that prints a plain `fluidbench ...` line prints one the CLI accepts: options and arguments
+    parse (training overrides are then checked by RunConfig, as `fluidbench train` does)."""
+    import shlex
+
+    import typer
+
+    from harness.cli import app
+    from harness.config import RunConfig
+    from harness.jobs import TrainRun
+
+    root = typer.main.get_command(app)
+    parsed = set()
+    for spec in ("embedded", "fluid-paper"):
+        for job in plan(load_spec(spec, out=tmp_path / spec)):
+            if "#" in job.command:  # a sketch with a comment (the grid: one `fluidbench sample` per prompt), or a
+                continue          # job that only the sweep runs (`fluidbench sweep --only`)
+            words = shlex.split(job.command)[1:]
+            command, path = root, []
+            while hasattr(command, "commands"):  # a group: the next word names its command
+                path.append(words.pop(0))
+                command = command.commands[path[-1]]
+            context = command.make_context(" ".join(path), list(words))
+            parsed.add(" ".join(path))
+            if isinstance(job, TrainRun):
+                cfg = RunConfig.from_overrides(context.params["overrides"])
+                assert cfg.train.steps == job.cfg.train.steps and cfg.dist.strategy == job.cfg.dist.strategy
+    assert {"data shapes", "tokenizer train", "eval train-features", "train", "eval fid", "eval geneval",
+            "eval clipscore", "report"} <= parsed
