@@ -352,7 +352,8 @@ class MakeReport(Job):
             (" --offset" if self.offset else "")
 
     def run(self) -> None:
-        from harness.report import collect_runs, write_report, write_table
+        from harness.report import write_report
+        from harness.results import collect_runs, write_table
 
         table = collect_runs(self.root)
         write_table(table, self.root, self.columns)

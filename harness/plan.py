@@ -172,7 +172,7 @@ def geneval_prompts(spec: Spec) -> Path | None:
 def table_columns(spec: Spec) -> list[str]:
     """The results table's columns: every column the report knows, minus metrics this sweep does not measure
     (so the embedded runs.csv has no empty CLIP-score column)."""
-    from harness.report import COLUMNS
+    from harness.results import COLUMNS
 
     dropped = set(unmeasured_columns(list(spec.eval.metrics)))
     return [c for c in COLUMNS if c not in dropped]

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "eval", "variants")
 # the runner: what trains, sweeps, reports and talks to people; nothing below it may import these
 RUNNER = ("harness.train", "harness.distributed", "harness.bench", "harness.spec", "harness.plan", "harness.jobs",
-          "harness.sweep", "harness.local", "harness.slurm", "harness.scale_plan", "harness.report", "harness.plots",
+          "harness.sweep", "harness.local", "harness.slurm", "harness.scale_plan", "harness.report", "harness.results",
+          "harness.findings", "harness.stats", "harness.curves", "harness.scaling", "harness.plots",
           "harness.cli", "harness.commands", "harness.tokenizer_folder", "harness.__main__")
 
 

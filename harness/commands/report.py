@@ -14,7 +14,8 @@ def report(
     """Collect the runs into runs.csv / runs.parquet (when run folders exist), then write report.md and plots."""
     import pandas as pd
 
-    from harness.report import collect_runs, write_report, write_table
+    from harness.report import write_report
+    from harness.results import collect_runs, write_table
 
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: sweep folder not found")
