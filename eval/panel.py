@@ -142,6 +142,11 @@ def panel(generated: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Te
         reference_stats = FeatureStats(ref.shape[1])
         reference_stats.update(ref)
     wanted = set(settings.metrics)
+    for names, k in ((("precision", "recall"), settings.prc_neighborhood), (("density", "coverage"),
+                                                                          settings.dc_neighborhood)):
+        if wanted & set(names) and min(len(gen), len(ref)) <= k:
+            raise FluidbenchError(f"metrics: {' and '.join(names)} need more than {k} generated and reference "
+                                  f"images (k-NN radii), got {len(gen)} and {len(ref)}; leave them out")
 
     def measure(g: torch.Tensor) -> dict[str, float]:
         out: dict[str, float] = {}

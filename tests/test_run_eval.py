@@ -247,3 +247,33 @@ def test_captions_are_read_without_decoding_images(tmp_path):
     assert captions == dataset.captions and all(c.startswith("val image") for c in captions)
     with pytest.raises(FluidbenchError, match="not found"):
         dataset[0]
+
+
+def test_fid_ref_defaults_build_what_eval_fid_protocols_read(tmp_path, monkeypatch, capsys):
+    """`fid-ref` without --split builds the default (fluid) protocol's reference, `--protocol imagen` the whole
+    val2014 set; `eval fid --protocol` then finds both in the cache and never decodes a reference image again."""
+    from harness.cli import main
+
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    coco = _coco(_coco(tmp_path / "coco", "val", 8), "train", 7)
+    features = _tiny_shapes_extractor(tmp_path / "features")
+    paths = {}
+    for name, extra in (("fluid", ["--n", "5"]), ("imagen", ["--protocol", "imagen"])):
+        argv = ["eval", "fid-ref", "--data", "coco", "--path", str(coco), "--resolution", "16", "--extractor",
+                "shapes", "--features", str(features), "--cache", str(tmp_path / "cache"), "--device", "cpu", *extra]
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code in (0, None)
+        paths[name] = capsys.readouterr().out.split()[0]
+    assert "coco-train2014-n5-16px-shapes-v1-" in paths["fluid"]
+    assert "coco-val2014-nall-16px-shapes-v1-" in paths["imagen"]
+    for jpeg in [*(coco / "val2014").glob("*.jpg"), *(coco / "train2014").glob("*.jpg")]:
+        jpeg.unlink()  # from here on, decoding a real image would fail
+    common = dict(data_path=str(coco), extractor="shapes", weights=str(features), cache_dir=tmp_path / "cache",
+                  n=5, n_boot=0, metrics=["fid", "kid", "precision", "recall"],
+                  settings=SamplingSettings(batch_size=4), progress=False)
+    with pytest.raises(FluidbenchError, match="density and coverage need more than 5"):
+        run_eval.eval_fid(tmp_path / "run", protocol="fluid", **{**common, "metrics": None})
+    for name in ("fluid", "imagen"):
+        result = run_eval.eval_fid(tmp_path / "run", protocol=name, **common)
+        assert result["reference"] == paths[name] and result["n_reference"] == (5 if name == "fluid" else 8)
