@@ -3,8 +3,9 @@ against (docs/protocols.md gives the sources and what each number can be compare
 
 - `fluid`: 30K images of COCO-2014 *train*, one seeded caption each; the reference statistics are those same 30K
   images (Fluid, arXiv 2410.13863: its FID-30K and its scaling plots). The default.
-- `imagen`: 30K prompts sampled from COCO-2014 *val*; the reference is the whole val2014 split (40,504 images),
-  the zero-shot FID-30K of GLIDE (arXiv 2112.10741), DALL-E 2 (arXiv 2204.06125) and Imagen (arXiv 2205.11487).
+- `imagen`: 30K prompts sampled from COCO-2014 *val*; the reference is the whole val2014 split (40,504 images):
+  Imagen's zero-shot FID-30K (arXiv 2205.11487, section 4.1), which it describes as that of previous work (GLIDE,
+  DALL-E 2).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ PROTOCOLS = {
     "fluid": CocoProtocol("fluid", "train2014", 30000, "train2014", 30000,
                           "Fluid (Fan et al. 2024, arXiv 2410.13863): 30K COCO-2014 train images and their captions"),
     "imagen": CocoProtocol("imagen", "val2014", 30000, "val2014", None,
-                           "GLIDE / DALL-E 2 / Imagen (arXiv 2112.10741, 2204.06125, 2205.11487): 30K val2014 "
-                           "prompts against the full val2014 set"),
+                           "Imagen (Saharia et al. 2022, arXiv 2205.11487, sec. 4.1), after GLIDE / DALL-E 2: 30K "
+                           "val2014 prompts against the full val2014 set"),
 }
 DEFAULT_PROTOCOL = "fluid"
 
