@@ -9,6 +9,7 @@ recomputed in torch, where the bootstrap needs them fast, and tested equal to th
 - density / coverage: `prdc.compute_prdc`'s definitions (Naeem et al. 2020, the authors' package, k = 5),
   recomputed in torch, tested equal.
 - FID: eval.fid's Frechet distance (equal to torch-fidelity's `fid_statistics_to_metric`).
+- CMMD: eval/cmmd.py, the RBF-kernel MMD of Jayasumana et al. 2024 (on CLIP embeddings).
 
 The standard error is a bootstrap over the generated images only: the reference set is fixed by the protocol, so
 the interval says how much the number would move with another draw of samples from the same model. Rows drawn
@@ -26,14 +27,16 @@ import torch
 from eval.fid import FeatureStats, fid_between, frechet_distance
 from harness.errors import FluidbenchError
 
-SAMPLE_METRICS = ("fid", "kid", "precision", "recall", "density", "coverage")
+# cmmd (eval/cmmd.py) is meant for unit-norm CLIP embeddings (its kernel width is fixed): asked for by name only
+SAMPLE_METRICS = ("fid", "kid", "precision", "recall", "density", "coverage", "cmmd")
+DEFAULT_METRICS = SAMPLE_METRICS[:-1]
 
 
 @dataclass(frozen=True)
 class PanelSettings:
     """The panel's settings, recorded with every result (torch-fidelity's and prdc's defaults)."""
 
-    metrics: tuple[str, ...] = SAMPLE_METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     kid_subsets: int = 100
     kid_subset_size: int = 1000     # shrunk to the smaller set when either has fewer images
     prc_neighborhood: int = 3       # torch-fidelity's k for precision / recall
@@ -163,6 +166,10 @@ def panel(generated: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Te
         if wanted & {"density", "coverage"}:
             dc = density_coverage(g, ref, settings.dc_neighborhood)
             out |= {k: v for k, v in dc.items() if k in wanted}
+        if "cmmd" in wanted:
+            from eval.cmmd import mmd_rbf
+
+            out["cmmd"] = mmd_rbf(g, ref)
         return out
 
     result = measure(gen)

@@ -159,7 +159,8 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
              data_kind: str | None = None, data_path: str | None = None, protocol: str | None = None,
              extractor: str | None = None, weights: str | None = None, cache_dir: str | Path | None = None,
              metrics: list[str] | None = None, n_boot: int = 100, floor: bool | None = None,
-             settings: SamplingSettings | None = None, device: str | None = None, progress: bool = True) -> dict:
+             result_file: str = "fid.json", settings: SamplingSettings | None = None, device: str | None = None,
+             progress: bool = True) -> dict:
     """FID and the metric panel (eval/panel.py: KID, precision / recall, density / coverage, each with a bootstrap
     SE) of N samples for N captions, against cached reference statistics and features.
 
@@ -167,18 +168,21 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
     (data_kind, data_path), or a named COCO protocol (`protocol`: "fluid", 30K train2014 captions against the same
     images; "imagen", 30K val2014 prompts against all of val2014; data_path the COCO folder). ShapesT2I defaults
     to the Shapes feature extractor (`weights` = its train-features folder), everything else to torch-fidelity's
-    TF-compatible InceptionV3 (`weights` = its .pth file or the library's cache). `floor` (default: on for
+    TF-compatible InceptionV3 (`weights` = its .pth file or the library's cache); `extractor` may also be
+    `dinov2-vit-l-14` (FD-DINOv2, eval/dinov2.py) or `clip` (with metrics ["cmmd"]: CMMD, eval/cmmd.py), written
+    to RUN/eval/`result_file` so each has its own file. `floor` (default: on for
     ShapesT2I) also scores N other real images (the train split) against the reference: what a perfect model
     would get at this N.
     """
     from eval.features_cache import extract_features, load_features, reference_features, save_features
-    from eval.fid import batches_from_dataset, default_cache_dir, load_extractor, reference_protocol
-    from eval.panel import SAMPLE_METRICS, PanelSettings, panel
+    from eval.extractors import load_any_extractor
+    from eval.fid import batches_from_dataset, default_cache_dir, reference_protocol
+    from eval.panel import DEFAULT_METRICS, PanelSettings, panel
     from harness.data import RESIZE_FILTER
 
     run, device = _open(run_dir, device)
     settings = settings or SamplingSettings()
-    panel_settings = PanelSettings(metrics=tuple(metrics or SAMPLE_METRICS), n_boot=n_boot)
+    panel_settings = PanelSettings(metrics=tuple(metrics or DEFAULT_METRICS), n_boot=n_boot)
     resolution = run.tokenizer.image_size
     coco = None
     if protocol:
@@ -192,7 +196,7 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
         ref_data = dataset
         ref_protocol = reference_protocol(kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER, path=path)
     extractor = extractor or profile(kind).extractor
-    ext = load_extractor(extractor, weights, device=device)
+    ext = load_any_extractor(extractor, weights, device=device)
     cache_dir = cache_dir or default_cache_dir()
     reference, ref_features = reference_features(ref_protocol, batches_from_dataset(ref_data), ext, cache_dir,
                                                  progress="reference" if progress else None)
@@ -225,7 +229,7 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
         m = min(n, 1000)  # moments settle long before COCO-30K's 30,000 encodes would finish
         real = (torch.stack([dataset[i][0] for i in range(k, min(k + 64, m))]) for k in range(0, m, 64))
         result["latents"] = latent_comparison(stats.latents, data_latent_stats(run.tokenizer, real, seed))
-    write_json(Path(run_dir) / "eval" / "fid.json", result)
+    write_json(Path(run_dir) / "eval" / result_file, result)
     return result
 
 
