@@ -158,7 +158,7 @@ def _coco_data(run: Any, protocol: str, data_kind: str | None, data_path: str | 
 def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = None, seed: int = 0,
              data_kind: str | None = None, data_path: str | None = None, protocol: str | None = None,
              extractor: str | None = None, weights: str | None = None, cache_dir: str | Path | None = None,
-             metrics: list[str] | None = None, n_boot: int = 100, floor: bool | None = None,
+             metrics: list[str] | str | None = None, n_boot: int = 100, floor: bool | None = None,
              result_file: str = "fid.json", settings: SamplingSettings | None = None, device: str | None = None,
              progress: bool = True) -> dict:
     """FID and the metric panel (eval/panel.py: KID, precision / recall, density / coverage, each with a bootstrap
@@ -182,6 +182,8 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
 
     run, device = _open(run_dir, device)
     settings = settings or SamplingSettings()
+    if isinstance(metrics, str):  # the CLI's and a spec's comma-separated list
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     panel_settings = PanelSettings(metrics=tuple(metrics or DEFAULT_METRICS), n_boot=n_boot)
     resolution = run.tokenizer.image_size
     coco = None

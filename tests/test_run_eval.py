@@ -277,3 +277,37 @@ def test_fid_ref_defaults_build_what_eval_fid_protocols_read(tmp_path, monkeypat
     for name in ("fluid", "imagen"):
         result = run_eval.eval_fid(tmp_path / "run", protocol=name, **common)
         assert result["reference"] == paths[name] and result["n_reference"] == (5 if name == "fluid" else 8)
+
+
+def test_cmmd_and_fd_dinov2_are_registered_metrics_with_their_own_result_files(tmp_path, monkeypatch):
+    """CMMD through the registry: eval_fid on CLIP embeddings (a tiny random open_clip model from a file), written
+    to RUN/eval/cmmd.json, its table columns filled; the FID entry's command line writes switches as one word."""
+    import open_clip
+
+    from eval.metrics import METRICS
+    from eval.settings import CMMDSettings, FIDSettings
+    from harness.jobs import _flags
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                           "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-cmmd-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-cmmd-clip.json")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model("tiny-cmmd-clip").state_dict(), tmp_path / "clip.bin")
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    coco = _coco(tmp_path / "coco", "val", 8)
+    settings = CMMDSettings(protocol="imagen", data_path=str(coco), n=6, extractor="clip-tiny-cmmd-clip",
+                            weights=str(tmp_path / "clip.bin"), cache_dir=str(tmp_path / "cache"), n_boot=5)
+    metric = METRICS["cmmd"]
+    result = metric.run(tmp_path / "run", settings, SamplingSettings(batch_size=4), progress=False)
+    assert json.loads((tmp_path / "run" / "eval" / "cmmd.json").read_text())["cmmd"] == result["cmmd"]
+    assert not (tmp_path / "run" / "eval" / "fid.json").exists()  # FID's file is FID's alone
+    row = metric.row(result)
+    assert set(row) == {"cmmd", "cmmd_se"} and row["cmmd"] > 0 and row["cmmd_se"] > 0
+    assert tuple(result["panel"]["metrics"]) == ("cmmd",)
+    assert METRICS["fd_dinov2"].settings().extractor == "dinov2-vit-l-14"
+    assert METRICS["fd_dinov2"].row({"fid": 3.0, "fid_se": 0.1}) == {"fd_dinov2": 3.0, "fd_dinov2_se": 0.1}
+    assert _flags(FIDSettings, {"floor": False, "n_boot": 10}) == ["--no-floor", "--n-boot", "10"]
+    assert _flags(FIDSettings, {"floor": True}) == ["--floor"]
