@@ -215,12 +215,12 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
         features, _ = extract_features(batches, ext, resolution=reference.key["resolution"],
                                        progress="features" if progress else None, total=n)
         save_features(features_file, features)
-    result = panel(features, ref_features, panel_settings, reference_stats=reference.stats)
+    result = panel(features, ref_features, panel_settings, reference_stats=reference.stats, device=device)
     result |= {"n_images": result["n_generated"], "reference": str(reference.path),
                "reference_protocol": reference.key}
     if floor if floor is not None else profile(kind).fid_floor:
         result["floor"] = _real_floor(kind, path, split, n, seed, resolution, ext, cache_dir, ref_features,
-                                      reference, panel_settings, progress)
+                                      reference, panel_settings, progress, device)
     described = asdict(ref_protocol) | {"extractor": ext.name, "captions_split": split, "n_captions": n}
     if coco is not None:
         described |= {"name": coco.name, "source": coco.source}
@@ -236,7 +236,7 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
 
 
 def _real_floor(kind: str, path: Any, split: str, n: int, seed: int, resolution: int, ext: Any, cache_dir: Any,
-                ref_features: torch.Tensor, reference: Any, settings: Any, progress: bool) -> dict:
+                ref_features: torch.Tensor, reference: Any, settings: Any, progress: bool, device: str) -> dict:
     """The panel of N real images of another split against the reference: the floor a perfect model reaches at
     this N (FID is biased upwards at small N; Chong & Forsyth 2020)."""
     from dataclasses import replace
@@ -252,7 +252,7 @@ def _real_floor(kind: str, path: Any, split: str, n: int, seed: int, resolution:
     protocol = reference_protocol(kind, other, n, seed, resolution, resize_filter=RESIZE_FILTER, path=path)
     _, features = reference_features(protocol, batches_from_dataset(real), ext, cache_dir,
                                      progress="floor images" if progress else None)
-    out = panel(features, ref_features, replace(settings, n_boot=0), reference_stats=reference.stats)
+    out = panel(features, ref_features, replace(settings, n_boot=0), reference_stats=reference.stats, device=device)
     return {k: v for k, v in out.items() if k != "panel"} | {"split": other}
 
 

@@ -43,10 +43,13 @@ def test_kid_equals_torch_fidelity_and_the_direct_mmd():
 
 
 def test_precision_recall_equals_torch_fidelity_and_a_direct_count():
-    from torch_fidelity.metric_prc import calculate_precision_recall_part
+    from torch_fidelity.metric_prc import calculate_precision_recall_part, prc_features_to_metric
 
     gen, ref = _features(150, shift=0.8, seed=1), _features(200, seed=2)
     ours = panel.precision_recall(gen, ref, k=3)
+    lib = prc_features_to_metric(gen, ref, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=False,
+                                 verbose=False)
+    assert ours == {"precision": lib["precision"], "recall": lib["recall"]}
     part = calculate_precision_recall_part(gen, ref, neighborhood=3, batch_size=64)  # the library's other path
     assert (ours["precision"], ours["recall"]) == pytest.approx(part, abs=1e-12)
     # Direct: a generated point is precise if inside some real point's 3-NN ball (the point itself excluded).
@@ -83,6 +86,20 @@ def test_panel_fid_equals_eval_fid_and_standardised_fid_ignores_units():
     scaled = panel.panel(gen * scale, ref * scale, panel.PanelSettings(metrics=("fid",), n_boot=0))
     assert scaled["fid"] > 10 * out["fid"]
     assert scaled["fid_standardised"] == pytest.approx(out["fid_standardised"], rel=1e-5)
+
+
+def test_frechet_to_a_fixed_reference_is_eval_fids_distance():
+    from eval.fid import fid_between
+
+    gen, ref = _features(300, dim=16, shift=0.5, seed=1), _features(500, dim=16, seed=2)
+    a, b = FeatureStats(16), FeatureStats(16)
+    a.update(gen)
+    b.update(ref)
+    fast = panel.FrechetToReference(b, torch.device("cpu"))
+    assert fast(gen) == pytest.approx(fid_between(a, b), rel=1e-8)
+    scale = np.sqrt(np.diagonal(b.cov))
+    assert panel.FrechetToReference(b, torch.device("cpu"), scale)(gen) == pytest.approx(
+        panel.fid_standardised(a, b), rel=1e-8)
 
 
 def test_bootstrap_se_tracks_the_sampling_error_and_shrinks_with_n():
