@@ -32,6 +32,7 @@ class Metric:
     help: str                                   # the CLI command's help
     images: Callable[[Any], int]                # images it samples with these settings (the scale plan)
     times_sampling: bool = False                # its sampling pass gives the table's seconds per image
+    after: tuple[str, ...] = ()                 # metrics of the same run it waits for (it reuses their samples)
 
     def run(self, run_dir: str | Path, settings: Any, sampling: SamplingSettings, **extra: Any) -> dict:
         """Evaluate `run_dir` with typed settings; writes and returns RUN/eval/<result>."""
@@ -78,14 +79,14 @@ FD_DINOV2 = Metric(
     lambda r: {"fd_dinov2": r.get("fid"), "fd_dinov2_se": r.get("fid_se")},
     lambda r: f"fd_dinov2={r['fid']:.3f}{_se(r, 'fid')} (n={r['n_images']}, {r['protocol']['extractor']})",
     "FD-DINOv2: the Frechet distance on torch-fidelity's DINOv2 features, with its bootstrap SE; writes "
-    "RUN/eval/fd_dinov2.json.", lambda s: s.images())
+    "RUN/eval/fd_dinov2.json.", lambda s: s.images(), after=("fid",))  # FID's samples, not made twice at once
 
 CMMD = Metric(
     "cmmd", _panel("cmmd.json"), CMMDSettings, "cmmd.json", ("cmmd", "cmmd_se"),
     lambda r: {"cmmd": r.get("cmmd"), "cmmd_se": r.get("cmmd_se")},
     lambda r: f"cmmd={r['cmmd']:.4f}{_se(r, 'cmmd')} (n={r['n_images']}, {r['protocol']['extractor']})",
     "CMMD: the RBF-kernel MMD on CLIP image embeddings (Jayasumana et al. 2024), with its bootstrap SE; writes "
-    "RUN/eval/cmmd.json.", lambda s: s.images())
+    "RUN/eval/cmmd.json.", lambda s: s.images(), after=("fid",))
 
 
 # -------------------------------------------------------------------------------------------------- GenEval
