@@ -1,8 +1,10 @@
 """CLIP score: 100 * max(cos(image embedding, prompt embedding), 0) per image, averaged over images.
 
-The definition of Hessel et al. (2021) with w = 100, as torchmetrics' CLIPScore computes it. The model is an
-open_clip one; weights come from a local file (`--clip-weights PATH`) or open_clip's own download into the
-Hugging Face cache. The default, ViT-L/14 with OpenAI's weights, is torchmetrics' default model and the one
+The definition of Hessel et al. (2021, arXiv 2104.08718, eq. 1) with w = 100: each image's cosine is clamped at
+0 before the mean. torchmetrics' CLIPScore clamps the mean instead (`CLIPScore.compute`: max(100 * mean cos, 0)),
+which differs as soon as one image scores below zero; the two agree otherwise. The model is an open_clip one;
+weights come from a local file (`--clip-weights PATH`) or open_clip's own download into the Hugging Face cache.
+The default, ViT-L/14 with OpenAI's weights, is torchmetrics' default model and the one
 GenEval's colour classifier uses (`ViT-L-14-quickgelu`: open_clip's plain `ViT-L-14` has GELU, not OpenAI's
 QuickGELU).
 """

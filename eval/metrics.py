@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from eval.geneval_rules import TASKS
-from eval.settings import CLIPScoreSettings, FIDSettings, GenEvalSettings, SamplingSettings
+from eval.settings import (CLIPScoreSettings, CMMDSettings, FDDinoV2Settings, FIDSettings, GenEvalSettings,
+                           SamplingSettings)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Metric:
     help: str                                   # the CLI command's help
     images: Callable[[Any], int]                # images it samples with these settings (the scale plan)
     times_sampling: bool = False                # its sampling pass gives the table's seconds per image
+    after: tuple[str, ...] = ()                 # metrics of the same run it waits for (it reuses their samples)
 
     def run(self, run_dir: str | Path, settings: Any, sampling: SamplingSettings, **extra: Any) -> dict:
         """Evaluate `run_dir` with typed settings; writes and returns RUN/eval/<result>."""
@@ -38,17 +40,53 @@ class Metric:
 
 
 # ------------------------------------------------------------------------------------------------------ FID
-def _fid(run_dir, settings: FIDSettings, sampling: SamplingSettings, **extra) -> dict:
-    from eval.run_eval import eval_fid
+# fid.json's metric panel (eval/panel.py): each sample-based metric with its bootstrap SE over the generated
+# samples, and the floor (N real images of another split scored the same way) where it was measured.
+PANEL_METRICS = ("fid", "fid_standardised", "kid", "precision", "recall", "density", "coverage")
+PANEL_COLUMNS = (*[c for m in PANEL_METRICS for c in (m, f"{m}_se")], "fid_floor", "fid_standardised_floor",
+                 "kid_floor")
 
-    return eval_fid(run_dir, settings=sampling, **asdict(settings), **extra)
+
+def _panel(result: str, extractor: str | None = None) -> Callable[..., dict]:
+    """eval_fid with the settings' fields, writing RUN/eval/<result>."""
+    def evaluate(run_dir, settings: FIDSettings, sampling: SamplingSettings, **extra) -> dict:
+        from eval.run_eval import eval_fid
+
+        return eval_fid(run_dir, settings=sampling, result_file=result, **asdict(settings), **extra)
+
+    return evaluate
+
+
+def _panel_row(r: dict) -> dict:
+    floor = r.get("floor") or {}
+    return {c: floor.get(c.removesuffix("_floor")) if c.endswith("_floor") else r.get(c) for c in PANEL_COLUMNS}
+
+
+def _se(r: dict, metric: str) -> str:
+    return f" +- {r[metric + '_se']:.4g}" if metric + "_se" in r else ""
 
 
 FID = Metric(
-    "fid", _fid, FIDSettings, "fid.json", ("fid",), lambda r: {"fid": r.get("fid")},
-    lambda r: f"fid={r['fid']:.3f} (n={r['n_images']}, {r['protocol']['extractor']})",
-    "FID of a run's samples against the same captions' real images; writes RUN/eval/fid.json.",
-    lambda s: s.n, times_sampling=True)
+    "fid", _panel("fid.json"), FIDSettings, "fid.json", PANEL_COLUMNS, _panel_row,
+    lambda r: f"fid={r['fid']:.3f}{_se(r, 'fid')}" + (f" kid={r['kid']:.4g}{_se(r, 'kid')}" if "kid" in r else "")
+    + f" (n={r['n_images']}, {r['protocol']['extractor']})",
+    "FID and the metric panel (KID, precision / recall, density / coverage, each with a bootstrap SE) of a run's "
+    "samples against real images; writes RUN/eval/fid.json.",
+    lambda s: s.images(), times_sampling=True)
+
+FD_DINOV2 = Metric(
+    "fd_dinov2", _panel("fd_dinov2.json"), FDDinoV2Settings, "fd_dinov2.json", ("fd_dinov2", "fd_dinov2_se"),
+    lambda r: {"fd_dinov2": r.get("fid"), "fd_dinov2_se": r.get("fid_se")},
+    lambda r: f"fd_dinov2={r['fid']:.3f}{_se(r, 'fid')} (n={r['n_images']}, {r['protocol']['extractor']})",
+    "FD-DINOv2: the Frechet distance on torch-fidelity's DINOv2 features, with its bootstrap SE; writes "
+    "RUN/eval/fd_dinov2.json.", lambda s: s.images(), after=("fid",))  # FID's samples, not made twice at once
+
+CMMD = Metric(
+    "cmmd", _panel("cmmd.json"), CMMDSettings, "cmmd.json", ("cmmd", "cmmd_se"),
+    lambda r: {"cmmd": r.get("cmmd"), "cmmd_se": r.get("cmmd_se")},
+    lambda r: f"cmmd={r['cmmd']:.4f}{_se(r, 'cmmd')} (n={r['n_images']}, {r['protocol']['extractor']})",
+    "CMMD: the RBF-kernel MMD on CLIP image embeddings (Jayasumana et al. 2024), with its bootstrap SE; writes "
+    "RUN/eval/cmmd.json.", lambda s: s.images(), after=("fid",))
 
 
 # -------------------------------------------------------------------------------------------------- GenEval
@@ -102,7 +140,7 @@ CLIPSCORE = Metric(
     lambda s: s.n)
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (FID, GENEVAL, CLIPSCORE)}
+METRICS: dict[str, Metric] = {m.name: m for m in (FID, FD_DINOV2, CMMD, GENEVAL, CLIPSCORE)}
 SAMPLING_COLUMNS = ("seconds_per_image", "forward_passes_per_image")
 
 

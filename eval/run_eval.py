@@ -129,45 +129,131 @@ def _reference_data(run: Any, data_kind: str | None, data_path: str | None, spli
     return kind, path, split, dataset
 
 
-def eval_fid(run_dir: str | Path, *, n: int = 1000, split: str | None = None, seed: int = 0,
-             data_kind: str | None = None, data_path: str | None = None,
-             extractor: str | None = None, weights: str | None = None, cache_dir: str | Path | None = None,
-             settings: SamplingSettings | None = None, device: str | None = None, progress: bool = True) -> dict:
-    """FID of N samples for N captions of `split` against the same N real images (cached reference stats).
+def _captions(dataset: Any, n: int) -> list[str]:
+    """The first n captions, from the data set's caption list when it has one (COCO, ShapesT2I): reading
+    captions must not decode and resize every image."""
+    captions = getattr(dataset, "captions", None)
+    return list(captions[:n]) if captions is not None else [dataset[i][1] for i in range(n)]
 
-    The real images are the run's own validation data, or another data set's split (data_kind, data_path:
-    COCO-30K is data_kind "coco", split "train2014", n 30000). ShapesT2I defaults to the Shapes feature
-    extractor (`weights` = its train-features folder), everything else to torch-fidelity's TF-compatible
-    InceptionV3 (`weights` = its .pth file or the library's cache).
+
+def _coco_data(run: Any, protocol: str, data_kind: str | None, data_path: str | None, split: str | None,
+               n: int | None, seed: int) -> tuple[Any, Any, Any]:
+    """(protocol, captions data set, reference data set) of a named COCO protocol (eval/protocols.py)."""
+    from eval.protocols import coco_protocol
+    from harness.data import open_dataset
+
+    p = coco_protocol(protocol)
+    if data_kind not in (None, "coco") or not data_path:
+        raise FluidbenchError(f"--protocol {p.name}: needs --data-path, the COCO 2014 folder (data kind coco)")
+    if split not in (None, p.prompt_split, p.prompt_split.removesuffix("2014")):
+        raise FluidbenchError(f"--split {split}: protocol {p.name} takes its captions from {p.prompt_split}")
+    n = n or p.n
+    resolution = run.tokenizer.image_size
+    prompts = open_dataset("coco", data_path, p.prompt_split, image_size=resolution, n=n, seed=seed)
+    reference = prompts if p.same_images else open_dataset("coco", data_path, p.reference_split,
+                                                           image_size=resolution)
+    return p, prompts, reference
+
+
+def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = None, seed: int = 0,
+             data_kind: str | None = None, data_path: str | None = None, protocol: str | None = None,
+             extractor: str | None = None, weights: str | None = None, cache_dir: str | Path | None = None,
+             metrics: list[str] | str | None = None, n_boot: int = 100, floor: bool | None = None,
+             result_file: str = "fid.json", settings: SamplingSettings | None = None, device: str | None = None,
+             progress: bool = True) -> dict:
+    """FID and the metric panel (eval/panel.py: KID, precision / recall, density / coverage, each with a bootstrap
+    SE) of N samples for N captions, against cached reference statistics and features.
+
+    The real images are the run's own validation data (N of them, default 1000), another data set's split
+    (data_kind, data_path), or a named COCO protocol (`protocol`: "fluid", 30K train2014 captions against the same
+    images; "imagen", 30K val2014 prompts against all of val2014; data_path the COCO folder). ShapesT2I defaults
+    to the Shapes feature extractor (`weights` = its train-features folder), everything else to torch-fidelity's
+    TF-compatible InceptionV3 (`weights` = its .pth file or the library's cache); `extractor` may also be
+    `dinov2-vit-l-14` (FD-DINOv2, eval/dinov2.py) or `clip` (with metrics ["cmmd"]: CMMD, eval/cmmd.py), written
+    to RUN/eval/`result_file` so each has its own file. `floor` (default: on for
+    ShapesT2I) also scores N other real images (the train split) against the reference: what a perfect model
+    would get at this N.
     """
-    from eval.fid import (batches_from_dataset, compute_reference_stats, default_cache_dir, fid_from_images,
-                          load_extractor, reference_protocol)
+    from eval.features_cache import extract_features, load_features, reference_features, save_features
+    from eval.extractors import load_any_extractor
+    from eval.fid import batches_from_dataset, default_cache_dir, reference_protocol
+    from eval.panel import DEFAULT_METRICS, PanelSettings, panel
     from harness.data import RESIZE_FILTER
 
     run, device = _open(run_dir, device)
     settings = settings or SamplingSettings()
-    kind, path, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
-    extractor = extractor or profile(kind).extractor
-    ext = load_extractor(extractor, weights, device=device)
+    if isinstance(metrics, str):  # the CLI's and a spec's comma-separated list
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    panel_settings = PanelSettings(metrics=tuple(metrics or DEFAULT_METRICS), n_boot=n_boot)
     resolution = run.tokenizer.image_size
-    protocol = reference_protocol(kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER, path=path)
-    reference = compute_reference_stats(protocol, batches_from_dataset(dataset), ext,
-                                        cache_dir or default_cache_dir(), progress="reference" if progress else None)
-    captions = [dataset[i][1] for i in range(n)]
+    coco = None
+    if protocol:
+        coco, dataset, ref_data = _coco_data(run, protocol, data_kind, data_path, split, n, seed)
+        kind, path, split, n = "coco", data_path, coco.prompt_split, len(dataset)
+        ref_protocol = reference_protocol("coco", coco.reference_split, n if coco.same_images else None,
+                                          seed if coco.same_images else 0, resolution, RESIZE_FILTER)
+    else:
+        n = n or 1000
+        kind, path, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
+        ref_data = dataset
+        ref_protocol = reference_protocol(kind, split, n, seed, resolution, resize_filter=RESIZE_FILTER, path=path)
+    extractor = extractor or profile(kind).extractor
+    ext = load_any_extractor(extractor, weights, device=device)
+    cache_dir = cache_dir or default_cache_dir()
+    reference, ref_features = reference_features(ref_protocol, batches_from_dataset(ref_data), ext, cache_dir,
+                                                 progress="reference" if progress else None)
+    captions = _captions(dataset, n)
     stats = SamplingStats()
     folder = Path(run_dir) / "eval" / "fid"
     samples = _cached_samples(folder, run, captions, settings, stats, progress)
-    batches = (torch.from_numpy(samples[i:i + 64]).permute(0, 3, 1, 2) for i in range(0, n, 64))
-    result = fid_from_images(batches, reference, ext, progress="features" if progress else None, total=n)
-    result |= {"protocol": asdict(protocol) | {"extractor": ext.name}, **_record(run, settings, stats)}
+    # the generated set's features, kept with its samples (the folder is emptied when the samples change)
+    features_file = folder / f"features-{ext.name}-{ext.checksum[:12]}.npy"
+    if features_file.is_file() and len(load_features(features_file, ext.dim)) == n:
+        features = load_features(features_file, ext.dim)
+    else:
+        batches = (torch.from_numpy(samples[i:i + 64]).permute(0, 3, 1, 2) for i in range(0, n, 64))
+        features, _ = extract_features(batches, ext, resolution=reference.key["resolution"],
+                                       progress="features" if progress else None, total=n)
+        save_features(features_file, features)
+    result = panel(features, ref_features, panel_settings, reference_stats=reference.stats, device=device)
+    result |= {"n_images": result["n_generated"], "reference": str(reference.path),
+               "reference_protocol": reference.key}
+    if floor if floor is not None else profile(kind).fid_floor:
+        result["floor"] = _real_floor(kind, path, split, n, seed, resolution, ext, cache_dir, ref_features,
+                                      reference, panel_settings, progress, device)
+    described = asdict(ref_protocol) | {"extractor": ext.name, "captions_split": split, "n_captions": n}
+    if coco is not None:
+        described |= {"name": coco.name, "source": coco.source}
+    result |= {"protocol": described, **_record(run, settings, stats)}
     if stats.latents.n:  # continuous tokens: do the sampled latents stay in the data's distribution?
         from eval.sampling import data_latent_stats, latent_comparison
 
         m = min(n, 1000)  # moments settle long before COCO-30K's 30,000 encodes would finish
         real = (torch.stack([dataset[i][0] for i in range(k, min(k + 64, m))]) for k in range(0, m, 64))
         result["latents"] = latent_comparison(stats.latents, data_latent_stats(run.tokenizer, real, seed))
-    write_json(Path(run_dir) / "eval" / "fid.json", result)
+    write_json(Path(run_dir) / "eval" / result_file, result)
     return result
+
+
+def _real_floor(kind: str, path: Any, split: str, n: int, seed: int, resolution: int, ext: Any, cache_dir: Any,
+                ref_features: torch.Tensor, reference: Any, settings: Any, progress: bool, device: str) -> dict:
+    """The panel of N real images of another split against the reference: the floor a perfect model reaches at
+    this N (FID is biased upwards at small N; Chong & Forsyth 2020)."""
+    from dataclasses import replace
+
+    from eval.features_cache import reference_features
+    from eval.fid import batches_from_dataset, reference_protocol
+    from eval.panel import panel
+    from harness.data import RESIZE_FILTER, open_dataset
+
+    other = ("val" if split.startswith("train") else "train") + ("2014" if split.endswith("2014") else "")
+    real = open_dataset(kind, path, other, image_size=None if profile(kind).native_size else resolution, n=n,
+                        seed=seed)
+    protocol = reference_protocol(kind, other, n, seed, resolution, resize_filter=RESIZE_FILTER, path=path)
+    _, features = reference_features(protocol, batches_from_dataset(real), ext, cache_dir,
+                                     progress="floor images" if progress else None)
+    out = panel(features, ref_features, replace(settings, n_boot=0), reference_stats=reference.stats, device=device)
+    return {k: v for k, v in out.items() if k != "panel"} | {"split": other}
 
 
 def _cached_samples(folder: Path, run: Any, captions: list[str], settings: SamplingSettings,
@@ -204,7 +290,7 @@ def eval_clipscore(run_dir: str | Path, *, n: int = 1000, split: str | None = No
     scorer = load_clip(model or DEFAULT_MODEL, weights, device=device)
     settings = settings or SamplingSettings()
     kind, _, split, dataset = _reference_data(run, data_kind, data_path, split, n, seed)
-    captions = [dataset[i][1] for i in range(n)]
+    captions = _captions(dataset, n)
     stats = SamplingStats()
     samples = _cached_samples(Path(run_dir) / "eval" / "fid", run, captions, settings, stats, progress)
     pairs = ((torch.from_numpy(samples[i:i + 32]).permute(0, 3, 1, 2), captions[i:i + 32])

@@ -44,19 +44,54 @@ DATA_KIND_HELP = ("Real images and captions from another data set than the run's
 
 @dataclass
 class FIDSettings:
-    """eval.run_eval.eval_fid: N samples for N captions against the same N real images."""
+    """eval.run_eval.eval_fid: N samples for N captions against real images, scored by the metric panel."""
 
-    n: int = flag(1000, "--n", help="Samples and real images (COCO-30K: 30000).", min=2)
+    n: int | None = flag(None, "--n", help="Samples and real images (default 1000; a --protocol's own, 30000).",
+                         min=2)
     split: str | None = flag(None, "--split", help="Captions and real images from this split (default: the "
                              "run's validation split).")
     seed: int = flag(0, "--data-seed", help="Which N images / captions (seeded sample).")
     data_kind: str | None = flag(None, "--data-kind", help=DATA_KIND_HELP)
     data_path: str | None = flag(None, "--data-path", help="That data set's folder (or shard pattern).")
-    extractor: str | None = flag(None, "--extractor", help="inception | shapes (default: shapes for ShapesT2I, "
-                                 "else inception).")
+    protocol: str | None = flag(None, "--protocol", help="A published COCO protocol (docs/protocols.md): fluid "
+                                "(30K train2014 captions vs the same images) | imagen (30K val2014 prompts vs "
+                                "all of val2014); with --data-path, the COCO folder.")
+    extractor: str | None = flag(None, "--extractor", help="inception | shapes | dinov2-vit-{s,b,l,g}-14 | clip "
+                                 "(default: shapes for ShapesT2I, else inception).")
     weights: str | None = flag(None, "--weights", "--inception-weights", "--features",
-                               help="Extractor weights: Inception .pth or a train-features folder.")
+                               help="Extractor weights: Inception .pth, a train-features folder, DINOv2 .pth or "
+                               "an open_clip checkpoint.")
     cache_dir: str | None = flag(None, "--cache", help="Reference statistics folder.")
+    metrics: str | None = flag(None, "--metrics", help="Comma-separated panel metrics (eval/panel.py; default "
+                               "fid,kid,precision,recall,density,coverage).")
+    n_boot: int = flag(100, "--n-boot", help="Bootstrap replicates for the standard errors (0 = none).", min=0)
+    floor: bool | None = flag(None, "--floor/--no-floor", help="Also score N real images of the other split "
+                              "(default: on for ShapesT2I).")
+
+    def images(self) -> int:
+        """Images sampled with these settings."""
+        return self.n or (30000 if self.protocol else 1000)
+
+
+@dataclass
+class FDDinoV2Settings(FIDSettings):
+    """FID on DINOv2 ViT features (FD-DINOv2, Stein et al. 2023): eval_fid with torch-fidelity's DINOv2."""
+
+    extractor: str | None = flag("dinov2-vit-l-14", "--extractor", help="dinov2-vit-{s,b,l,g}-14.")
+    weights: str | None = flag(None, "--weights", help="dinov2_vit?14_pretrain.pth (default: torch.hub's "
+                               "checkpoints folder).")
+    metrics: str | None = flag("fid", "--metrics", help="Comma-separated panel metrics on DINOv2 features.")
+
+
+@dataclass
+class CMMDSettings(FIDSettings):
+    """CMMD (Jayasumana et al. 2024): eval_fid on CLIP ViT-L/14-336 embeddings with the RBF MMD."""
+
+    extractor: str | None = flag("clip", "--extractor", help="clip (ViT-L-14-336-quickgelu, OpenAI weights) or "
+                                 "clip-<open_clip model>.")
+    weights: str | None = flag(None, "--weights", "--clip-weights", help="Local open_clip checkpoint (default: "
+                               "open_clip's cache).")
+    metrics: str | None = flag("cmmd", "--metrics", help="Comma-separated panel metrics on CLIP embeddings.")
 
 
 @dataclass

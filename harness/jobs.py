@@ -34,7 +34,15 @@ def _cmd(*parts: Any, options: dict | None = None) -> str:
 def _flags(settings: Any, values: dict) -> list[str]:
     """`values` of a settings dataclass (eval/settings.py) as the command-line flags its fields declare."""
     fields = settings.__dataclass_fields__
-    return [w for key, value in values.items() for w in (fields[key].metadata["flags"][0], str(value))]
+    words = []
+    for key, value in values.items():
+        flag = fields[key].metadata["flags"][0]
+        if isinstance(value, bool):  # a switch, "--floor/--no-floor": one word
+            on, _, off = flag.partition("/")
+            words.append(on if value or not off else off)
+        else:
+            words += [flag, str(value)]
+    return words
 
 
 @dataclass(kw_only=True)

@@ -140,7 +140,8 @@ def _run_jobs(spec: Spec, variant: str, size: str, deps: list[str], feature_deps
                          owner=f"eval_{metric}")
         jobs.append(Evaluate(name=f"eval/{metric}/{name}", metric=metric, run_dir=run, settings=settings,
                              sampling=spec.eval.sampling, outputs=[str(Path(run) / "eval" / METRICS[metric].result)],
-                             deps=[f"train/{name}"] + (feature_deps if metric == "fid" else []),
+                             deps=[f"train/{name}"] + (feature_deps if metric == "fid" else [])
+                             + [f"eval/{m}/{name}" for m in METRICS[metric].after if m in spec.eval.metrics],
                              resources=evaluation))
     if spec.eval.grid is not None:
         jobs.append(SampleGrid(name=f"eval/grid/{name}", run_dir=run, grid=spec.eval.grid, sampling=spec.eval.sampling,

@@ -157,7 +157,12 @@ def _envelope_section(frontier: pd.DataFrame, figures: dict) -> list[str]:
 
 def _quality_section(table: pd.DataFrame, ceilings: dict[str, dict], figures: dict) -> list[str]:
     text = ["## FID and GenEval against parameters", ""]
-    for key in ("fid_vs_params", "geneval_vs_params"):
+    floor = table[["fid_floor", "kid_floor"]].dropna() if "fid_floor" in table else table.iloc[:0]
+    if len(floor):
+        text += [f"Real images scored against the same reference at the same N (the floor a perfect model would "
+                 f"reach): FID {floor['fid_floor'].iloc[0]:.4g}, KID {floor['kid_floor'].iloc[0]:.4g}. Error bars "
+                 "are 2 bootstrap standard errors over the generated samples (the reference fixed).", ""]
+    for key in ("fid_vs_params", "kid_vs_params", "geneval_vs_params"):
         if key in figures:
             text += [f"![{key}]({figures[key]})", ""]
     header = ["model", *[c.removeprefix("geneval_") for c in GENEVAL_COLUMNS]]

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.report import COLUMNS, findings, fit_losses, read_table, write_report
+from harness.report import COLUMNS, collect_run, findings, fit_losses, read_table, write_report
 from harness.scaling import fit_power_law, pearson_r
 
 SIZES = {"S": 1.0e5, "M": 4.0e5, "L": 1.6e6}
@@ -125,3 +125,26 @@ def test_report_errors_name_the_file(tmp_path):
 
     with pytest.raises(FluidbenchError, match="runs.csv"):
         write_report(tmp_path)
+
+
+def test_fid_verdict_uses_the_panel_standard_errors(tmp_path):
+    table = fixture_table()  # kl FID a third of vq's everywhere (about 10 vs 30 at these sizes)
+    fits = fit_losses(table, n_boot=50)
+    table["fid_se"] = 0.5
+    finding = findings(table, fits)[1]
+    assert finding[1] == "holds" and "+- 1.41" in finding[2]
+    table["fid_se"] = 8.0  # 2 SE of a difference = 22.6 > ~16: nothing is resolved
+    assert findings(table, fits)[1][1] == "not resolved (every difference within 2 standard errors)"
+    # the panel's columns come from fid.json, the floor from its `floor` entry; KID is drawn with its error bars
+    run = tmp_path / "runs" / "kl-random-S"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {"variant": "kl-random", "size": "S"}}))
+    (run / "eval" / "fid.json").write_text(json.dumps({"fid": 12.0, "fid_se": 0.7, "kid": 0.01, "kid_se": 0.002,
+                                                       "floor": {"fid": 1.5, "kid": 0.0001}}))
+    row = collect_run(run)
+    assert (row["fid"], row["fid_se"], row["kid_se"], row["fid_floor"], row["kid_floor"]) == (12.0, 0.7, 0.002,
+                                                                                              1.5, 0.0001)
+    table["kid"], table["kid_se"], table["fid_floor"], table["kid_floor"] = 0.02, 0.001, 1.5, 0.0001
+    table.to_csv(tmp_path / "runs.csv", index=False)
+    text = write_report(tmp_path, n_boot=20).read_text()
+    assert "](kid_vs_params.png)" in text and "FID 1.5, KID 0.0001" in text

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -159,3 +160,154 @@ def test_geneval_records_the_moments_of_every_latent_it_made(tmp_path, prompts, 
     again = run_eval.eval_geneval(run_dir, prompts=prompts, per_prompt=2, detector="shapes-oracle",
                                   settings=settings, progress=False)
     assert again["sampling_stats"]["latents"]["values"] == (14 + 2) * per_image
+
+
+# --- FID with the metric panel, and the named COCO protocols -----------------------------------------------------
+
+def _tiny_shapes_extractor(folder: Path) -> Path:
+    """A random-init Shapes extractor saved in eval/shapes_features.py's format (model.pt + manifest.json)."""
+    import hashlib
+    import io
+
+    from eval.shapes_features import VERSION, FeatureNetConfig, ShapesFeatureNet, _init
+
+    cfg = FeatureNetConfig(classes=["circle", "square"], colors=["red", "blue"], palette=[[255, 0, 0], [0, 0, 255]],
+                           image_size=16, width=4, feature_dim=8)
+    net = ShapesFeatureNet(cfg)
+    _init(net, torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    torch.save({"version": VERSION, "config": cfg.__dict__, "state_dict": net.state_dict()}, buffer)
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(buffer.getvalue())
+    (folder / "manifest.json").write_text(json.dumps({"sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}))
+    return folder
+
+
+def _coco(root: Path, split: str, n: int) -> Path:
+    """A fake COCO-2014 split of n random JPEGs with two captions each."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(len(split))
+    (root / f"{split}2014").mkdir(parents=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images, annotations = [], []
+    for i in range(n):
+        name = f"COCO_{split}2014_{i:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / f"{split}2014" / name)
+        images.append({"id": i, "file_name": name})
+        annotations += [{"id": 10 * i + k, "image_id": i, "caption": f"{split} image {i} caption {k}"} for k in range(2)]
+    (root / "annotations" / f"captions_{split}2014.json").write_text(json.dumps({"images": images,
+                                                                                  "annotations": annotations}))
+    return root
+
+
+def test_fid_panel_under_both_coco_protocols(tmp_path, monkeypatch):
+    from eval import fid
+
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    coco = _coco(_coco(tmp_path / "coco", "val", 12), "train", 10)
+    features = _tiny_shapes_extractor(tmp_path / "features")
+    common = dict(data_path=str(coco), extractor="shapes", weights=str(features), cache_dir=tmp_path / "cache",
+                  n=6, n_boot=5, settings=SamplingSettings(batch_size=4), progress=False)
+    imagen = run_eval.eval_fid(tmp_path / "run", protocol="imagen", **common)
+    assert imagen["protocol"]["name"] == "imagen" and imagen["protocol"]["captions_split"] == "val2014"
+    assert imagen["reference_protocol"]["n"] is None and imagen["n_reference"] == 12  # the whole val split
+    assert imagen["n_images"] == 6 and "floor" not in imagen  # a floor only when asked for, outside ShapesT2I
+    for metric in ("fid", "kid", "precision", "recall", "density", "coverage", "fid_standardised"):
+        assert np.isfinite(imagen[metric]) and imagen[f"{metric}_se"] >= 0, metric
+    assert imagen["fid_se"] > 0
+    # the panel's FID is eval.fid's on the same samples and reference statistics
+    samples = np.load(tmp_path / "run" / "eval" / "fid" / "samples.npy")
+    ext = fid.load_extractor("shapes", features)
+    again = fid.fid_from_images([torch.from_numpy(samples).permute(0, 3, 1, 2)], imagen["reference"], ext,
+                                progress=None)
+    assert imagen["fid"] == pytest.approx(again["fid"], rel=1e-9)
+
+    fluid = run_eval.eval_fid(tmp_path / "run", protocol="fluid", floor=True, **common)
+    assert fluid["protocol"]["name"] == "fluid" and fluid["protocol"]["captions_split"] == "train2014"
+    assert fluid["reference_protocol"]["n"] == 6 and fluid["n_reference"] == 6  # the captions' own images
+    assert fluid["floor"]["split"] == "val2014" and np.isfinite(fluid["floor"]["fid"])
+    assert fluid["fid"] != imagen["fid"]
+
+    with pytest.raises(FluidbenchError, match="--protocol parti: unknown"):
+        run_eval.eval_fid(tmp_path / "run", protocol="parti", **common)
+    with pytest.raises(FluidbenchError, match="--protocol imagen: needs --data-path"):
+        run_eval.eval_fid(tmp_path / "run", protocol="imagen", **{**common, "data_path": None})
+
+
+def test_captions_are_read_without_decoding_images(tmp_path):
+    from harness.data import open_dataset
+
+    coco = _coco(tmp_path / "coco", "val", 5)
+    dataset = open_dataset("coco", coco, "val2014", image_size=16, n=3, seed=1)
+    for jpeg in (coco / "val2014").glob("*.jpg"):
+        jpeg.unlink()  # reading a caption through the image would now fail
+    captions = run_eval._captions(dataset, 3)
+    assert captions == dataset.captions and all(c.startswith("val image") for c in captions)
+    with pytest.raises(FluidbenchError, match="not found"):
+        dataset[0]
+
+
+def test_fid_ref_defaults_build_what_eval_fid_protocols_read(tmp_path, monkeypatch, capsys):
+    """`fid-ref` without --split builds the default (fluid) protocol's reference, `--protocol imagen` the whole
+    val2014 set; `eval fid --protocol` then finds both in the cache and never decodes a reference image again."""
+    from harness.cli import main
+
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    coco = _coco(_coco(tmp_path / "coco", "val", 8), "train", 7)
+    features = _tiny_shapes_extractor(tmp_path / "features")
+    paths = {}
+    for name, extra in (("fluid", ["--n", "5"]), ("imagen", ["--protocol", "imagen"])):
+        argv = ["eval", "fid-ref", "--data", "coco", "--path", str(coco), "--resolution", "16", "--extractor",
+                "shapes", "--features", str(features), "--cache", str(tmp_path / "cache"), "--device", "cpu", *extra]
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code in (0, None)
+        paths[name] = capsys.readouterr().out.split()[0]
+    assert "coco-train2014-n5-16px-shapes-v1-" in paths["fluid"]
+    assert "coco-val2014-nall-16px-shapes-v1-" in paths["imagen"]
+    for jpeg in [*(coco / "val2014").glob("*.jpg"), *(coco / "train2014").glob("*.jpg")]:
+        jpeg.unlink()  # from here on, decoding a real image would fail
+    common = dict(data_path=str(coco), extractor="shapes", weights=str(features), cache_dir=tmp_path / "cache",
+                  n=5, n_boot=0, metrics=["fid", "kid", "precision", "recall"],
+                  settings=SamplingSettings(batch_size=4), progress=False)
+    with pytest.raises(FluidbenchError, match="density and coverage need more than 5"):
+        run_eval.eval_fid(tmp_path / "run", protocol="fluid", **{**common, "metrics": None})
+    for name in ("fluid", "imagen"):
+        result = run_eval.eval_fid(tmp_path / "run", protocol=name, **common)
+        assert result["reference"] == paths[name] and result["n_reference"] == (5 if name == "fluid" else 8)
+
+
+def test_cmmd_and_fd_dinov2_are_registered_metrics_with_their_own_result_files(tmp_path, monkeypatch):
+    """CMMD through the registry: eval_fid on CLIP embeddings (a tiny random open_clip model from a file), written
+    to RUN/eval/cmmd.json, its table columns filled; the FID entry's command line writes switches as one word."""
+    import open_clip
+
+    from eval.metrics import METRICS
+    from eval.settings import CMMDSettings, FIDSettings
+    from harness.jobs import _flags
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                           "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-cmmd-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-cmmd-clip.json")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model("tiny-cmmd-clip").state_dict(), tmp_path / "clip.bin")
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    coco = _coco(tmp_path / "coco", "val", 8)
+    settings = CMMDSettings(protocol="imagen", data_path=str(coco), n=6, extractor="clip-tiny-cmmd-clip",
+                            weights=str(tmp_path / "clip.bin"), cache_dir=str(tmp_path / "cache"), n_boot=5)
+    metric = METRICS["cmmd"]
+    result = metric.run(tmp_path / "run", settings, SamplingSettings(batch_size=4), progress=False)
+    assert json.loads((tmp_path / "run" / "eval" / "cmmd.json").read_text())["cmmd"] == result["cmmd"]
+    assert not (tmp_path / "run" / "eval" / "fid.json").exists()  # FID's file is FID's alone
+    row = metric.row(result)
+    assert set(row) == {"cmmd", "cmmd_se"} and row["cmmd"] > 0 and row["cmmd_se"] > 0
+    assert tuple(result["panel"]["metrics"]) == ("cmmd",)
+    assert METRICS["fd_dinov2"].settings().extractor == "dinov2-vit-l-14"
+    assert METRICS["fd_dinov2"].row({"fid": 3.0, "fid_se": 0.1}) == {"fd_dinov2": 3.0, "fd_dinov2_se": 0.1}
+    assert _flags(FIDSettings, {"floor": False, "n_boot": 10}) == ["--no-floor", "--n-boot", "10"]
+    assert _flags(FIDSettings, {"floor": True}) == ["--floor"]

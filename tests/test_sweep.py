@@ -373,3 +373,21 @@ def test_a_worker_stops_its_job_when_the_sweep_is_killed(tmp_path):
     while not (tmp_path / "stopped").exists() and time.time() < deadline:
         time.sleep(0.1)
     assert (tmp_path / "stopped").read_text() == str(child)
+
+
+def test_panel_metrics_of_their_own_wait_for_fids_samples(tmp_path):
+    """fd_dinov2 and cmmd reuse RUN/eval/fid/samples.npy: in a sweep they run after the same run's FID job, so
+    the samples are made once, not by two jobs at once; their columns join the table."""
+    from harness.plan import table_columns
+
+    spec_file = tmp_path / "panel.yaml"
+    spec_file.write_text((ROOT / "harness/specs/fluid-paper.yaml").read_text().replace(
+        "  geneval:\n", "  fd_dinov2: {protocol: fluid, data_path: /datasets/coco, weights: /checkpoints/d.pth}\n"
+                      "  cmmd: {protocol: fluid, data_path: /datasets/coco}\n  geneval:\n", 1))
+    spec = load_spec(spec_file, out=tmp_path / "paper")
+    jobs = {j.name: j for j in plan(spec)}
+    for metric in ("fd_dinov2", "cmmd"):
+        assert jobs[f"eval/{metric}/kl-random-166M"].deps == ["train/kl-random-166M", "eval/fid/kl-random-166M"]
+    assert jobs["eval/fid/kl-random-166M"].deps == ["train/kl-random-166M"]
+    assert {"fd_dinov2", "fd_dinov2_se", "cmmd", "cmmd_se", "kid_se"} <= set(table_columns(spec))
+    assert "--protocol fluid" in jobs["eval/cmmd/kl-random-166M"].command

@@ -50,8 +50,12 @@ def _protocol(data: str, path: Path, split: str, n: Optional[int], seed: int, re
 def fid_ref(
     data: str = typer.Option(..., help="Real images: coco | shapes | wds (WebDataset shards)."),
     path: Path = typer.Option(..., help="Data folder (COCO: the folder with annotations/ and the images)."),
-    split: str = typer.Option("val", help="coco: train2014 (Fluid) or val2014 (Imagen, Muse); shapes: train|val."),
-    n: Optional[int] = typer.Option(None, help="Images to use; default 30000 for coco, the whole split otherwise."),
+    protocol: Optional[str] = typer.Option(None, help="coco: a published protocol (docs/protocols.md), fluid "
+                                           "(default: train2014, 30000 images) | imagen (val2014, the whole split)."),
+    split: Optional[str] = typer.Option(None, help="coco: the protocol's (train2014 for fluid, val2014 for imagen); "
+                                        "shapes: train|val (default val)."),
+    n: Optional[int] = typer.Option(None, help="Images to use; default the protocol's for coco, the whole split "
+                                    "otherwise."),
     seed: int = typer.Option(0, help="Which N images (and which caption of each)."),
     resolution: Optional[int] = typer.Option(None, help="Generation resolution; default 256, native for shapes."),
     resize_filter: Optional[str] = typer.Option(None, help="Filter after the centre crop; default bicubic."),
@@ -64,21 +68,39 @@ def fid_ref(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     rebuild: bool = typer.Option(False, help="Recompute even when cached."),
 ) -> None:
-    """Build (or find) the reference statistics of real images for one FID protocol; prints their path."""
-    from eval.fid import batches_from_dataset, compute_reference_stats, default_cache_dir
+    """Build (or find) the reference statistics and per-image features of real images for one FID protocol (the
+    features serve KID, precision / recall and the bootstrap); prints the statistics' path."""
+    from eval.features_cache import reference_features
+    from eval.fid import batches_from_dataset, default_cache_dir
 
     from harness.data import PROFILES
 
     if data not in PROFILES:
         raise FluidbenchError(f"--data {data}: expected one of {', '.join(PROFILES)}")
-    n = PROFILES[data].reference_n if n is None else n
+    if data == "coco":  # the named protocols are COCO's (eval/protocols.py)
+        from eval.protocols import coco_protocol
+
+        p = coco_protocol(protocol)
+        if protocol and split not in (None, p.reference_split, p.reference_split.removesuffix("2014")):
+            raise FluidbenchError(f"--split {split}: protocol {p.name}'s reference images are {p.reference_split}")
+        if split is None or protocol:
+            split, n = p.reference_split, n or p.reference_n
+        if n is None and not protocol:
+            n = PROFILES[data].reference_n
+        if n is None:
+            seed = 0  # the whole split: the seed picks nothing, and eval fid --protocol imagen looks for seed 0
+    elif protocol:
+        raise FluidbenchError(f"--protocol {protocol}: the named protocols are COCO's (--data coco)")
+    else:
+        n = PROFILES[data].reference_n if n is None else n
+    split = split or "val"
     extractor = extractor or PROFILES[data].extractor
     features = features or _default_features(path)
     net = _extractor(extractor, inception_weights, features, device)
     protocol, dataset = _protocol(data, path, split, n, seed, resolution, resize_filter)
     total = len(dataset) if hasattr(dataset, "__len__") else n
-    ref = compute_reference_stats(protocol, batches_from_dataset(dataset, batch_size, workers), net,
-                                  cache or default_cache_dir(), rebuild=rebuild, total=total)
+    ref, _ = reference_features(protocol, batches_from_dataset(dataset, batch_size, workers), net,
+                                cache or default_cache_dir(), rebuild=rebuild, total=total)
     typer.echo(f"{ref.path}  ({ref.stats.n} images, {ref.key['extractor']})")
 
 
