@@ -272,7 +272,8 @@ def draw(analyses: dict[str, VariantAnalysis], points: pd.DataFrame, out_dir: Pa
         ax.set_xlabel("training FLOPs C")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no budget of any variant with a minimum: nothing to label
+            ax.legend(fontsize=7)
     ax_n.set_title("compute-optimal size")
     ax_l.set_title("compute-optimal loss")
     fig.tight_layout()
@@ -287,7 +288,7 @@ def _ci(lo: float, hi: float, fmt: str = ".3g") -> str:
 
 def section(analyses: dict[str, VariantAnalysis], figures: dict[str, str], intermediate: bool) -> list[str]:
     """The report's "Compute-optimal scaling" section (markdown lines)."""
-    from harness.report import markdown_table
+    from harness.tables import markdown_table
 
     text = ["## Compute-optimal scaling (IsoFLOP)", "",
             "Per variant (harness/compute_optimal.py; Hoffmann et al. 2022, Besiroglu et al. 2024): at each budget C "

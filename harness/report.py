@@ -22,6 +22,7 @@ from eval.metrics import (GENEVAL_COLUMNS, GENEVAL_SE, METRICS, SAMPLING_COLUMNS
 from harness.atomic import atomic_path, write_text
 from harness.errors import FluidbenchError
 from harness.scaling import PowerLawFit
+from harness.tables import markdown_table
 
 # the run's identity and training numbers, then every metric's columns in registry order (eval/metrics.py)
 RUN_COLUMNS = ["run", "variant", "size", "seed", "token_kind", "order", "params", "params_nonembed", "budget",
@@ -131,24 +132,6 @@ def findings(table: pd.DataFrame, fits: dict[str, PowerLawFit], sweep_dir: str |
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _fmt(value: Any) -> str:
-    if isinstance(value, (float, np.floating)):
-        if math.isnan(value):
-            return "-"
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3g}"
-        return f"{value:.4g}"
-    if isinstance(value, (int, np.integer)) and abs(int(value)) >= 1e5:
-        return f"{float(value):.3g}"
-    return str(value)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offset: bool = False,
                  n_boot: int = 1000, intermediate: bool = False, fit_boot: int = 200) -> Path:
     """Fits, plots and report.md for a sweep folder; reads SWEEP/runs.csv unless `table` is given.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -99,3 +100,136 @@ def test_intermediate_points_are_an_option_and_skip_cosine_runs(tmp_path):
     assert extra["tokens"].iloc[0] == pytest.approx(table["tokens_seen"].iloc[0] * (int(table["steps"].iloc[0]) // 2)
                                                     / int(table["steps"].iloc[0]))
     assert extra["loss"].iloc[0] == 3.0 and math.isnan(extra["budget"].iloc[0])
+
+
+# ------------------------------------------------------------------------------------------------- planner
+def test_embedded_isoflop_plan_spends_each_budget_within_one_step(tmp_path):
+    from harness.sweep import load_spec, plan
+    from variants.registry import LADDER_SHAPES, build_variant
+
+    spec = load_spec("embedded-isoflop", out=tmp_path / "iso")
+    jobs = plan(spec)
+    cells = [j for j in jobs if j.stage == "train_cell"]
+    assert len(cells) == 3 * 3 * 2 and not [j for j in jobs if j.stage == "train_run"]
+    shapes = {k: v for k, v in LADDER_SHAPES["cpu"].items() if k != "text_len"}
+    for job in cells:
+        cell, values = job.args["cell"], job.args["values"]
+        # the accounting the trainer writes to summary.json, computed here on its own
+        per_image = build_variant(cell["variant"], cell["size"], ladder="cpu", **shapes).train_flops_per_image()
+        per_step = per_image * values["train.batch_size"]
+        assert cell["flops_per_step"] == pytest.approx(per_step, rel=1e-12)
+        assert values["train.steps"] == cell["steps"] >= 20  # past the spec's warm-up
+        assert abs(cell["steps"] * per_step - cell["budget"]) <= per_step  # within one step
+        assert abs(cell["steps"] * per_step - cell["budget"]) <= per_step / 2  # (round: within half a step)
+        assert values["out"].endswith(f"runs/{job.name.removeprefix('train/')}")
+        assert f"train.steps={cell['steps']}" in job.command
+    assert {j.args["cell"]["budget"] for j in cells} == {1.5e12, 3.0e12, 6.0e12}
+    report = jobs[-1]
+    assert report.stage == "make_report" and set(report.deps) == {j.name for j in cells}
+    assert report.args["intermediate"] is True and "budget" in report.args["columns"]
+    assert "budget" not in next(j for j in plan(load_spec("embedded", out=tmp_path / "e"))
+                                if j.stage == "make_report").args["columns"]
+
+
+def test_isoflop_dry_run_and_plan_show_the_cells_and_their_cost(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "harness", "sweep", "embedded-isoflop", "--dry-run", "--out",
+                          str(tmp_path / "iso")], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "3 budgets x 3 sizes x 2 variants = 18 training runs" in out.stdout
+    assert "| vq-random | cpu-xs | 1.5e+12 | 64 | 1.79e+09 | 840 |" in out.stdout
+    assert "24 jobs, 18 training runs" in out.stdout
+    assert "train/kl-random-cpu-m-6e12  [todo]" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "harness", "sweep", "fluid-paper-isoflop", "--plan"],
+                         capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("| kl-random 3.1B @ ") == 3 and "for 30 runs" in out.stdout
+
+
+@pytest.mark.parametrize("isoflop, message", [
+    ({"budgets": [1e12], "size": ["cpu-s"]}, "unknown key 'isoflop.size'"),
+    ({"budgets": [-1e12]}, "isoflop: budgets: -1000000000000.0 is not a positive number"),
+    ({"budgets": "1e12"}, "isoflop.budgets: expected a list"),
+    ({"budgets": [1e12], "sizes": ["cpu-huge"]}, "isoflop.sizes: 'cpu-huge' not in the cpu ladder"),
+    ({"budgets": [1e12], "shapes": {"text_len": 8}}, "isoflop.shapes.text_len: unknown"),
+])
+def test_bad_isoflop_settings_are_one_line_errors(tmp_path, isoflop, message):
+    import yaml
+
+    from harness.errors import FluidbenchError
+    from harness.spec import SPECS_DIR, load_spec
+
+    values = yaml.safe_load((SPECS_DIR / "embedded-isoflop.yaml").read_text())
+    values["isoflop"] = isoflop
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(FluidbenchError, match=message):
+        load_spec(path)
+
+
+def test_a_budget_below_one_step_fails_at_plan_time(tmp_path):
+    from harness.errors import FluidbenchError
+    from harness.sweep import load_spec, plan
+
+    spec = load_spec("embedded-isoflop", out=tmp_path / "iso")
+    spec.isoflop.budgets = [1e9]
+    with pytest.raises(FluidbenchError, match=r"isoflop.budgets: 1e\+09 FLOPs is less than one step of kl-random cpu-xs"):
+        plan(spec)
+
+
+MICRO_ISOFLOP = """
+name: micro-isoflop
+data: {kind: shapes, shapes: {seed: 0, train: 192, val: 48, size: 32, prompts_per_task: 2}}
+tokenizers:
+  vq: {train: {steps: 3, budget_s: 20}}
+text: {encoder: minilm, max_length: 16}
+ladder: cpu
+variants: [vq-random]
+sizes: [cpu-xs, cpu-s, cpu-m]
+isoflop: {budgets: [8.5e+9, 1.7e+10]}
+run:
+  train: {batch_size: 8, log_every: 4, val_every: 4, ckpt_every: 8, val_size: 16, val_batch_size: 16}
+  optim: {lr: 1.0e-3, warmup_steps: 1}
+local: {workers: 1, threads: 1}
+report: {n_boot: 20, fit_boot: 20, intermediate: true}
+"""
+
+
+@pytest.mark.slow
+def test_micro_isoflop_sweep_end_to_end_then_no_work(tmp_path, monkeypatch):
+    """Three sizes x two budgets through the local executor: each run's FLOPs (the trainer's own count) within
+    half a step of its budget, recorded beside it; the report's IsoFLOP section; a second run does nothing; a
+    plan whose token shapes differ from the real tokenizer's fails before training."""
+    from harness.errors import FluidbenchError
+    from harness.local import run_local
+    from harness.sweep import load_spec, plan
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "micro.yaml").write_text(MICRO_ISOFLOP)
+    spec = load_spec(tmp_path / "micro.yaml", out=tmp_path / "sweep")
+    status = run_local(spec, workers=1)
+    assert set(status.values()) == {"done"}, status
+    table = pd.read_csv(spec.root / "runs.csv")
+    assert len(table) == 6 and set(table["budget"]) == {8.5e9, 1.7e10}
+    for _, row in table.iterrows():
+        cell = json.loads((spec.root / "runs" / row["run"] / "isoflop.json").read_text())
+        assert cell["budget"] == row["budget"] and cell["steps"] == row["steps"]
+        assert abs(row["train_flops"] - row["budget"]) <= cell["flops_per_step"] / 2
+    text = (spec.root / "report.md").read_text()
+    assert "## Compute-optimal scaling (IsoFLOP)" in text and "**Option on: intermediate points.**" in text
+    assert "| vq-random | 8.5e+09 | 3 |" in text and (spec.root / "isoflop_curves.png").is_file()
+    assert set(run_local(spec, workers=1).values()) == {"skipped"}
+
+    spec.isoflop.shapes = {"vocab_size": 1024}   # the tokenizer has 512 codes
+    job = next(j for j in plan(spec) if j.stage == "train_cell")
+    run = Path(job.args["values"]["out"])
+    with pytest.raises(FluidbenchError, match=r"vocab_size.*set isoflop.shapes"):
+        job.run()
+    assert not (run / "isoflop.json").exists() or json.loads((run / "isoflop.json").read_text())["flops_per_step"] \
+        != job.args["cell"]["flops_per_step"]
