@@ -233,3 +233,27 @@ def test_micro_isoflop_sweep_end_to_end_then_no_work(tmp_path, monkeypatch):
         job.run()
     assert not (run / "isoflop.json").exists() or json.loads((run / "isoflop.json").read_text())["flops_per_step"] \
         != job.args["cell"]["flops_per_step"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_an_intermediate_validation_is_the_shorter_run_only_at_constant_lr(tmp_path, schedule):
+    """The report's mark on intermediate points, checked: at constant lr the 12-step run's validation at
+    step 6 is exactly the 6-step run's final one; under cosine (lr depends on the length) it is not."""
+    import torch
+
+    from harness.config import RunConfig
+    from harness.train import train
+    from test_train import tiny_inputs, tiny_values
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inputs = tiny_inputs(tmp_path / "inputs")
+        long = tiny_values(inputs, tmp_path / "long", **{"optim.schedule": schedule})
+        train(RunConfig.from_overrides(long))
+        short = train(RunConfig.from_overrides({**long, "out": str(tmp_path / "short"), "train.steps": 6}))
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    at_6 = next(r["val_loss"] for r in rows if r["step"] == 6 and "val_loss" in r)
+    assert (at_6 == short["val_loss"]) == (schedule == "constant"), (at_6, short["val_loss"])
