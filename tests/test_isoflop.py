@@ -257,3 +257,17 @@ def test_an_intermediate_validation_is_the_shorter_run_only_at_constant_lr(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
     at_6 = next(r["val_loss"] for r in rows if r["step"] == 6 and "val_loss" in r)
     assert (at_6 == short["val_loss"]) == (schedule == "constant"), (at_6, short["val_loss"])
+
+
+def test_cluster_guide_shows_the_computed_isoflop_scale_plan(tmp_path):
+    """docs/cluster.md's IsoFLOP table is what `--plan` prints for the shipped fluid-paper-isoflop spec."""
+    from harness.scale_plan import format_plan, scale_plan
+    from harness.sweep import load_spec
+
+    spec = load_spec("fluid-paper-isoflop", out=tmp_path / "iso")
+    text = format_plan(spec, scale_plan(spec))
+    rows = [line for line in text.splitlines() if line.startswith("| ") or line.startswith("Total:")]
+    assert len(rows) == 1 + 30 + 1
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()
+    missing = [row for row in rows if row not in guide]
+    assert not missing, f"docs/cluster.md is stale (run `fluidbench sweep fluid-paper-isoflop --plan`): {missing[0]}"
