@@ -172,7 +172,7 @@ def isoflop_frontier(n, loss, budget, *, sigma: float | None = None, sigma_from:
             n_opt_lo=_interval(boot[:, j, 0])[0], n_opt_hi=_interval(boot[:, j, 0])[1],
             l_opt_lo=_interval(boot[:, j, 1])[0], l_opt_hi=_interval(boot[:, j, 1])[1],
             interior=bool(n[at].min() <= n_opt <= n[at].max()) if math.isfinite(n_opt) else False,
-            sizes=len(np.unique(n[at])), with_minimum=float(np.isfinite(boot[:, j, 0]).mean()) if n_boot else 1.0))
+            sizes=len(np.unique(n[at])), with_minimum=float(np.isfinite(boot[:, j, 0]).mean()) if n_boot else math.nan))
 
     c_arr = np.array(budgets)
     laws = []
@@ -280,9 +280,12 @@ class ParametricFit:
         return _interval(p[:, 0] + p[:, 1] * n ** -p[:, 3] + p[:, 2] * d ** -p[:, 4]) if len(p) else (math.nan,) * 2
 
     def _n_opt(self, c: float, E, A, B, alpha, beta):
-        """argmin_N L(N, C / (k N^gamma)): alpha A N^-alpha = gamma beta B k^beta C^-beta N^(gamma beta)."""
+        """argmin_N L(N, C / (k N^gamma)): alpha A N^-alpha = gamma beta B k^beta C^-beta N^(gamma beta);
+        inf or nan where an exponent sits at 0 (the loss does not fall with N or with D: no optimum)."""
         k, g = self.flops_k, self.flops_gamma
-        return (alpha * A / (g * beta * B * k ** beta)) ** (1 / (alpha + g * beta)) * c ** (beta / (alpha + g * beta))
+        A, B, alpha, beta = (np.asarray(v, dtype=np.float64) for v in (A, B, alpha, beta))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return (alpha * A / (g * beta * B * k ** beta)) ** (1 / (alpha + g * beta)) * c ** (beta / (alpha + g * beta))
 
     def n_opt(self, c: float) -> float:
         return float(self._n_opt(c, *self.values().values()))
@@ -291,8 +294,7 @@ class ParametricFit:
         p = self.boot
         if not len(p):
             return math.nan, math.nan
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            return _interval(self._n_opt(c, p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4]))
+        return _interval(self._n_opt(c, p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4]))
 
     def l_opt(self, c: float) -> float:
         n = self.n_opt(c)

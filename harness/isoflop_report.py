@@ -73,6 +73,14 @@ def _intermediate(run: Path, row: pd.Series) -> list[dict]:
     return out
 
 
+def envelope(points: pd.DataFrame) -> pd.DataFrame:
+    """The lower envelope of loss against compute (Hoffmann et al.'s approach 1): the points no other point
+    beats with less or equal FLOPs, by FLOPs ascending; its N at each C is that approach's N_opt(C)."""
+    ordered = points.sort_values(["flops", "loss"])
+    best = ordered["loss"].cummin()
+    return ordered[ordered["loss"] <= best].drop_duplicates("flops").reset_index(drop=True)
+
+
 # ------------------------------------------------------------------------------------------- analysis
 @dataclass
 class HeldOutRun:
@@ -114,6 +122,8 @@ class VariantAnalysis:
     frontier: Frontier | None
     held_out: list[HeldOut]
     notes: list[str]
+    envelope: pd.DataFrame = field(default_factory=pd.DataFrame)   # of every point, intermediate ones included
+    envelope_exponent: float = math.nan      # N ~ C^a along the envelope (least squares in log-log, no interval)
 
 
 def _frontier(cells: pd.DataFrame, sigma_fallback: float, n_boot: int, seed: int) -> tuple[Frontier | None, str]:
@@ -158,9 +168,14 @@ def analyse_variant(points: pd.DataFrame, *, n_boot: int = 200, seed: int = 0, h
             check = hold_out(points, by, n_boot=n_boot, seed=seed)
             if check is not None:
                 checks.append(check)
+    front = envelope(points)
+    exponent = math.nan
+    if front["params"].nunique() >= 2:
+        exponent = float(np.polyfit(np.log(front["flops"]), np.log(front["params"]), 1)[0])
     return VariantAnalysis(variant=variant, points=int(points["final"].sum()),
                            intermediate_points=int((~points["final"]).sum()), parametric=parametric,
-                           frontier=frontier, held_out=checks, notes=notes)
+                           frontier=frontier, held_out=checks, notes=notes, envelope=front,
+                           envelope_exponent=exponent)
 
 
 def hold_out(points: pd.DataFrame, by: str, *, n_boot: int = 200, seed: int = 0) -> HeldOut | None:
@@ -265,7 +280,12 @@ def draw(analyses: dict[str, VariantAnalysis], points: pd.DataFrame, out_dir: Pa
                         label=f"{variant}: C^{law.a:.3f} [{law.a_lo:.3f}, {law.a_hi:.3f}]")
             if analysis.parametric is not None and key == "n_opt":
                 grid = np.geomspace(c.min() / 1.5, c.max() * 4, 40)
-                ax.plot(grid, [analysis.parametric.n_opt(x) for x in grid], color=color, lw=1, ls="--")
+                n_opt = np.array([analysis.parametric.n_opt(x) for x in grid])
+                if np.isfinite(n_opt).all() and (n_opt > 0).all():
+                    ax.plot(grid, n_opt, color=color, lw=1, ls="--")
+            if key == "l_opt" and len(analysis.envelope) >= 2:
+                ax.step(analysis.envelope["flops"], analysis.envelope["loss"], where="post", color=color, lw=0.8,
+                        ls=":", label=f"{variant}: envelope of all points")
     for ax, label in ((ax_n, "N_opt (dashed: from L(N, D))"), (ax_l, "L_opt (each variant its own loss)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -306,7 +326,7 @@ def section(analyses: dict[str, VariantAnalysis], figures: dict[str, str], inter
         for p in (a.frontier.profiles if a.frontier else []):
             rows.append([v, p.budget, p.sizes, p.n_opt, _ci(p.n_opt_lo, p.n_opt_hi), p.l_opt,
                          _ci(p.l_opt_lo, p.l_opt_hi, ".4g"), "yes" if p.interior else "no (extrapolated)",
-                         f"{p.with_minimum:.0%}"])
+                         f"{p.with_minimum:.0%}" if math.isfinite(p.with_minimum) else "-"])
     if rows:
         text += ["### IsoFLOP profiles", "",
                  markdown_table(["variant", "budget C", "sizes", "N_opt", "95% CI", "L_opt", "95% CI",
@@ -320,11 +340,13 @@ def section(analyses: dict[str, VariantAnalysis], figures: dict[str, str], inter
             continue
         rows.append([v, f.n_opt.a, _ci(f.n_opt.a_lo, f.n_opt.a_hi), f.l_opt.a if f.l_opt else math.nan,
                      _ci(f.l_opt.a_lo, f.l_opt.a_hi) if f.l_opt else "-", f.n_opt.points,
-                     f"{f.sigma:.3g} ({f.sigma_from})"])
+                     f"{f.sigma:.3g} ({f.sigma_from})", a.envelope_exponent])
     if rows:
-        text += ["### The frontier", "", "N_opt = k C^a and L_opt = k' C^b over the budgets with a minimum.", "",
+        text += ["### The frontier", "", "N_opt = k C^a and L_opt = k' C^b over the budgets with a minimum; the "
+                 "last column is a from the lower envelope of loss against FLOPs over every point (Hoffmann et "
+                 "al.'s approach 1: the size of the best point at each compute, no interval).", "",
                  markdown_table(["variant", "a (N_opt)", "95% CI", "b (L_opt)", "95% CI", "budgets",
-                                 "loss noise sigma (from)"], rows), ""]
+                                 "loss noise sigma (from)", "a (envelope)"], rows), ""]
         if "frontier" in figures:
             text += [f"![frontier]({figures['frontier']})", ""]
     rows = []

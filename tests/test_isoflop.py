@@ -271,3 +271,12 @@ def test_cluster_guide_shows_the_computed_isoflop_scale_plan(tmp_path):
     guide = (Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()
     missing = [row for row in rows if row not in guide]
     assert not missing, f"docs/cluster.md is stale (run `fluidbench sweep fluid-paper-isoflop --plan`): {missing[0]}"
+
+
+def test_envelope_keeps_the_points_no_cheaper_point_beats():
+    from harness.isoflop_report import envelope
+
+    points = pd.DataFrame({"flops": [1, 2, 2, 3, 4, 5], "loss": [5.0, 4.0, 4.5, 4.2, 3.0, 3.5],
+                           "params": [10, 10, 20, 20, 40, 40]})
+    front = envelope(points)
+    assert front["flops"].tolist() == [1, 2, 4] and front["loss"].tolist() == [5.0, 4.0, 3.0]
