@@ -3,10 +3,10 @@
 A spec asks for them with
 
     isoflop:
-      budgets: [2.0e12, 4.0e12, 8.0e12]   # training FLOPs per run
-      sizes: [cpu-xs, cpu-s, cpu-m]       # optional: the spec's `sizes`
-      shapes: {vocab_size: 512}           # optional: seq_len, vocab_size, token_dim, text_dim of the FLOP
-                                          # accounting, over the ladder's (LADDER_SHAPES)
+      budgets: [2.0e+12, 4.0e+12, 8.0e+12]   # training FLOPs per run (2.0e12, a string to PyYAML, works too)
+      sizes: [cpu-xs, cpu-s, cpu-m]          # optional: the spec's `sizes`
+      shapes: {vocab_size: 512}              # optional: seq_len, vocab_size, token_dim, text_dim of the FLOP
+                                             # accounting, over the ladder's (LADDER_SHAPES)
 
 Each cell's steps come from its budget and the variant's own accounting (`Variant.train_flops_per_image`,
 the same number the trainer writes to summary.json) times the batch: steps = round(C / (FLOPs per image x
