@@ -111,11 +111,11 @@ def test_embedded_isoflop_plan_spends_each_budget_within_one_step(tmp_path):
     jobs = plan(spec)
     cells = [j for j in jobs if j.stage == "train_cell"]
     assert len(cells) == 3 * 3 * 2 and not [j for j in jobs if j.stage == "train_run"]
-    shapes = {k: v for k, v in LADDER_SHAPES["cpu"].items() if k != "text_len"}
+    shapes = {k: v for k, v in LADDER_SHAPES["cpu-isoflop"].items() if k != "text_len"}
     for job in cells:
         cell, values = job.args["cell"], job.args["values"]
         # the accounting the trainer writes to summary.json, computed here on its own
-        per_image = build_variant(cell["variant"], cell["size"], ladder="cpu", **shapes).train_flops_per_image()
+        per_image = build_variant(cell["variant"], cell["size"], ladder="cpu-isoflop", **shapes).train_flops_per_image()
         per_step = per_image * values["train.batch_size"]
         assert cell["flops_per_step"] == pytest.approx(per_step, rel=1e-12)
         assert values["train.steps"] == cell["steps"] >= 20  # past the spec's warm-up
@@ -123,12 +123,25 @@ def test_embedded_isoflop_plan_spends_each_budget_within_one_step(tmp_path):
         assert abs(cell["steps"] * per_step - cell["budget"]) <= per_step / 2  # (round: within half a step)
         assert values["out"].endswith(f"runs/{job.name.removeprefix('train/')}")
         assert f"train.steps={cell['steps']}" in job.command
-    assert {j.args["cell"]["budget"] for j in cells} == {1.5e12, 3.0e12, 6.0e12}
+    assert {j.args["cell"]["budget"] for j in cells} == {8e11, 1.6e12, 3.2e12}
     report = jobs[-1]
     assert report.stage == "make_report" and set(report.deps) == {j.name for j in cells}
     assert report.args["intermediate"] is True and "budget" in report.args["columns"]
     assert "budget" not in next(j for j in plan(load_spec("embedded", out=tmp_path / "e"))
                                 if j.stage == "make_report").args["columns"]
+
+
+def test_the_isoflop_ladder_is_the_cpu_ladder_with_a_smaller_rung():
+    from harness.config import RunConfig
+    from variants.registry import LADDER_SHAPES, LADDERS, build_variant
+
+    assert LADDERS["cpu-isoflop"][1:] == LADDERS["cpu"] and LADDER_SHAPES["cpu-isoflop"] == LADDER_SHAPES["cpu"]
+    shapes = {k: v for k, v in LADDER_SHAPES["cpu"].items() if k != "text_len"}
+    small, xs = (build_variant("vq-random", s, ladder="cpu-isoflop", **shapes).param_counts()["total"]
+                 for s in ("cpu-2xs", "cpu-xs"))
+    assert small < xs / 2 and xs == build_variant("vq-random", "cpu-xs", ladder="cpu", **shapes).param_counts()["total"]
+    RunConfig.from_overrides({"model.ladder": "cpu-isoflop", "model.size": "cpu-2xs", "out": "x", "data.path": "d",
+                              "tokenizer.path": "t"}).validate()  # the config takes the registry's ladders
 
 
 def test_isoflop_dry_run_and_plan_show_the_cells_and_their_cost(tmp_path):
@@ -143,9 +156,9 @@ def test_isoflop_dry_run_and_plan_show_the_cells_and_their_cost(tmp_path):
                           str(tmp_path / "iso")], capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "3 budgets x 3 sizes x 2 variants = 18 training runs" in out.stdout
-    assert "| vq-random | cpu-xs | 1.5e+12 | 64 | 1.79e+09 | 840 |" in out.stdout
+    assert "| vq-random | cpu-2xs | 8e+11 | 64 | 6.67e+08 | 1200 |" in out.stdout
     assert "24 jobs, 18 training runs" in out.stdout
-    assert "train/kl-random-cpu-m-6e12  [todo]" in out.stdout
+    assert "train/kl-random-cpu-s-3.2e12  [todo]" in out.stdout
     out = subprocess.run([sys.executable, "-m", "harness", "sweep", "fluid-paper-isoflop", "--plan"],
                          capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -156,7 +169,7 @@ def test_isoflop_dry_run_and_plan_show_the_cells_and_their_cost(tmp_path):
     ({"budgets": [1e12], "size": ["cpu-s"]}, "unknown key 'isoflop.size'"),
     ({"budgets": [-1e12]}, "isoflop: budgets: -1000000000000.0 is not a positive number"),
     ({"budgets": "1e12"}, "isoflop.budgets: expected a list"),
-    ({"budgets": [1e12], "sizes": ["cpu-huge"]}, "isoflop.sizes: 'cpu-huge' not in the cpu ladder"),
+    ({"budgets": [1e12], "sizes": ["cpu-huge"]}, "isoflop.sizes: 'cpu-huge' not in the cpu-isoflop ladder"),
     ({"budgets": [1e12], "shapes": {"text_len": 8}}, "isoflop.shapes.text_len: unknown"),
 ])
 def test_bad_isoflop_settings_are_one_line_errors(tmp_path, isoflop, message):
