@@ -59,7 +59,7 @@ class ModelConfig:
     """Which variant and rung of which ladder; `options` go to build_variant as keyword arguments."""
     variant: str = "kl-random"
     size: str = ""                  # "" = the smallest rung of the ladder
-    ladder: str = "cpu"             # cpu | paper
+    ladder: str = "cpu"             # cpu | cpu-isoflop | paper (variants.registry.LADDERS)
     options: dict = field(default_factory=dict)
 
 

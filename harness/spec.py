@@ -228,7 +228,7 @@ class Spec:
     data: DataSpec
     tokenizers: dict[str, TokenizerSpec]
     text: TextConfig
-    ladder: str                                     # cpu | paper
+    ladder: str                                     # cpu | cpu-isoflop | paper
     variants: list[str]
     sizes: list[str]
     out: str = ""                                   # the sweep folder (default results/<name>)
