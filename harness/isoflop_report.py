@@ -45,40 +45,36 @@ def run_points(table: pd.DataFrame, sweep_dir: Path | None = None, intermediate:
                            "loss": rows["val_loss"].astype(float), "budget": rows["budget"].astype(float),
                            "final": True})
     if intermediate and sweep_dir is not None:
-        extra = [p for _, r in rows.iterrows() for p in _intermediate(Path(sweep_dir) / "runs" / str(r["run"]), r)]
-        if extra:
-            points = pd.concat([points, pd.DataFrame(extra)], ignore_index=True)
+        points = pd.concat([points, _intermediate(Path(sweep_dir), rows)], ignore_index=True)
     return points.reset_index(drop=True)
 
 
-def _intermediate(run: Path, row: pd.Series) -> list[dict]:
-    """The run's validation rows before its last step, as points; none for a cosine schedule."""
-    try:
-        config = json.loads((run / "config.json").read_text())
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except (OSError, json.JSONDecodeError):
-        return []
-    if config.get("optim", {}).get("schedule", "constant") != "constant":
-        return []
-    steps = float(row["steps"])
-    out = []
-    for line in lines:
-        r = json.loads(line)
-        if r.get("val_loss") is None or not 0 < r["step"] < steps:
-            continue
-        share = r["step"] / steps  # tokens and FLOPs grow linearly with the step
-        out.append({"run": row["run"], "variant": row["variant"], "params": float(row["params"]),
-                    "tokens": float(row["tokens_seen"]) * share, "flops": float(row["train_flops"]) * share,
-                    "loss": float(r["val_loss"]), "budget": math.nan, "final": False})
-    return out
+def _intermediate(sweep_dir: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """The runs' validations before their last step (harness/curves.py) as points; none of a cosine run."""
+    from harness.curves import training_curves
+
+    def constant_lr(run: str) -> bool:
+        try:
+            config = json.loads((sweep_dir / "runs" / run / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return config.get("optim", {}).get("schedule", "constant") == "constant"
+
+    rows = rows[[constant_lr(str(r)) for r in rows["run"]]]
+    curves = training_curves(sweep_dir, rows).merge(rows[["run", "params", "tokens_seen", "steps"]], on="run")
+    curves = curves[curves["step"] < curves["steps"]]
+    return pd.DataFrame({"run": curves["run"], "variant": curves["variant"], "params": curves["params"].astype(float),
+                         "tokens": curves["tokens_seen"] * curves["step"] / curves["steps"],  # linear in the step
+                         "flops": curves["flops"].astype(float), "loss": curves["val_loss"].astype(float),
+                         "budget": math.nan, "final": False})
 
 
 def envelope(points: pd.DataFrame) -> pd.DataFrame:
-    """The lower envelope of loss against compute (Hoffmann et al.'s approach 1): the points no other point
-    beats with less or equal FLOPs, by FLOPs ascending; its N at each C is that approach's N_opt(C)."""
-    ordered = points.sort_values(["flops", "loss"])
-    best = ordered["loss"].cummin()
-    return ordered[ordered["loss"] <= best].drop_duplicates("flops").reset_index(drop=True)
+    """The lower envelope of loss against compute over `points` (harness/curves.py; Hoffmann et al.'s
+    approach 1): its N at each C is that approach's N_opt(C)."""
+    from harness.curves import envelope as lowest
+
+    return lowest(points.rename(columns={"loss": "val_loss"})).rename(columns={"val_loss": "loss"})
 
 
 # ------------------------------------------------------------------------------------------- analysis

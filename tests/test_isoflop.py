@@ -88,8 +88,9 @@ def test_intermediate_points_are_an_option_and_skip_cosine_runs(tmp_path):
         run = tmp_path / "runs" / row["run"]
         run.mkdir(parents=True)
         schedule = "constant" if i == 0 else "cosine"
-        (run / "config.json").write_text(json.dumps({"optim": {"schedule": schedule}}))
+        (run / "config.json").write_text(json.dumps({"optim": {"schedule": schedule}, "train": {"batch_size": 64}}))
         steps = int(row["steps"])
+        (run / "summary.json").write_text(json.dumps({"train_flops_per_image": row["train_flops"] / steps / 64}))
         lines = [{"step": 0, "val_loss": 9.0}, {"step": steps // 2, "val_loss": 3.0, "train_loss": 3.1},
                  {"step": steps // 4, "train_loss": 3.5}, {"step": steps, "val_loss": 2.5}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -290,6 +291,6 @@ def test_envelope_keeps_the_points_no_cheaper_point_beats():
     from harness.isoflop_report import envelope
 
     points = pd.DataFrame({"flops": [1, 2, 2, 3, 4, 5], "loss": [5.0, 4.0, 4.5, 4.2, 3.0, 3.5],
-                           "params": [10, 10, 20, 20, 40, 40]})
+                           "params": [10, 10, 20, 20, 40, 40], "variant": "vq-random"})
     front = envelope(points)
     assert front["flops"].tolist() == [1, 2, 4] and front["loss"].tolist() == [5.0, 4.0, 3.0]
