@@ -59,7 +59,7 @@ class ModelConfig:
     """Which variant and rung of which ladder; `options` go to build_variant as keyword arguments."""
     variant: str = "kl-random"
     size: str = ""                  # "" = the smallest rung of the ladder
-    ladder: str = "cpu"             # cpu | paper
+    ladder: str = "cpu"             # cpu | cpu-isoflop | paper (variants.registry.LADDERS)
     options: dict = field(default_factory=dict)
 
 
@@ -137,8 +137,9 @@ class RunConfig:
     def validate(self) -> None:
         """Check values that types alone cannot; names the field on failure."""
         from harness.data import KINDS as kinds
+        from variants.registry import LADDERS  # the registry's ladders, not a copy of their names
         choices = {"optim.schedule": ("constant", "cosine"), "dist.strategy": ("ddp", "fsdp2"),
-                   "dist.dtype": ("auto", "fp32", "bf16"), "model.ladder": ("cpu", "paper"),
+                   "dist.dtype": ("auto", "fp32", "bf16"), "model.ladder": tuple(LADDERS),
                    "data.kind": kinds, "data.val_kind": ("", *kinds)}
         for key, allowed in choices.items():
             if _get(self, key) not in allowed:

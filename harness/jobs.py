@@ -272,6 +272,34 @@ class TrainRun(Job):
 
 
 @dataclass(kw_only=True)
+class TrainCell(TrainRun):
+    """One cell of an IsoFLOP design (harness/isoflop.py): a training run whose steps spend its budget; it
+    checks the FLOP accounting against the real tokenizer and records the cell (RUN/isoflop.json) first."""
+
+    cell: dict                       # Cell.record(): variant, size, budget, steps, flops_per_step, batch_size, ...
+    shapes: dict                     # the token/text shapes the plan's accounting used
+    stage: ClassVar[str] = "train_cell"
+
+    @property
+    def args(self) -> dict:
+        return {"values": self.values, "cell": self.cell}
+
+    @property
+    def command(self) -> str:
+        c = self.cell
+        return (f"{super().command}  # budget {c['budget']:.3g} FLOPs = {c['steps']} steps x "
+                f"{c['flops_per_step']:.3g} ({c['rounding']:+.2%})")
+
+    def run(self) -> None:
+        from harness import train
+        from harness.isoflop import check_accounting
+
+        check_accounting(self.cfg, self.cell, self.shapes)
+        write_json(Path(self.cfg.out) / "isoflop.json", self.cell)
+        train.train(self.cfg)
+
+
+@dataclass(kw_only=True)
 class Evaluate(Job):
     """One metric of one run (`fluidbench eval <metric>`): sample the EMA weights, score, RUN/eval/<result>."""
 
@@ -347,17 +375,20 @@ class MakeReport(Job):
     columns: list[str]
     offset: bool
     n_boot: int
+    intermediate: bool | None = None  # the compute-optimal options (harness/isoflop_report.py); None where they
+    fit_boot: int | None = None       # do nothing, so they stay out of the key and the command line
     stage: ClassVar[str] = "make_report"
     waits_for_any: ClassVar[bool] = True  # the report draws whatever finished
 
     @property
     def args(self) -> dict:
-        return {"columns": self.columns, "offset": self.offset, "n_boot": self.n_boot}
+        extra = {} if self.fit_boot is None else {"intermediate": self.intermediate, "fit_boot": self.fit_boot}
+        return {"columns": self.columns, "offset": self.offset, "n_boot": self.n_boot, **extra}
 
     @property
     def command(self) -> str:
-        return _cmd("fluidbench", "report", self.root, options={"n_boot": self.n_boot}) + \
-            (" --offset" if self.offset else "")
+        return _cmd("fluidbench", "report", self.root, options={"n_boot": self.n_boot, "fit_boot": self.fit_boot}) \
+            + (" --offset" if self.offset else "") + (" --intermediate" if self.intermediate else "")
 
     def run(self) -> None:
         from harness.report import write_report
@@ -365,5 +396,6 @@ class MakeReport(Job):
 
         table = collect_runs(self.root)
         write_table(table, self.root, self.columns)
+        extra = {} if self.fit_boot is None else {"intermediate": bool(self.intermediate), "fit_boot": self.fit_boot}
         write_report(self.root, table=table[[c for c in table.columns if c in self.columns]], offset=self.offset,
-                     n_boot=self.n_boot)
+                     n_boot=self.n_boot, **extra)

@@ -15,8 +15,8 @@ from typing import Any
 from eval.metrics import METRICS, unmeasured_columns
 from harness.data import profile
 from harness.errors import FluidbenchError
-from harness.jobs import (BuildCache, Evaluate, Job, MakeData, MakeReport, SampleGrid, TokenizerCeiling, TrainFeatures,
-                          TrainRun, TrainTokenizer)
+from harness.jobs import (BuildCache, Evaluate, Job, MakeData, MakeReport, SampleGrid, TokenizerCeiling, TrainCell,
+                          TrainFeatures, TrainRun, TrainTokenizer)
 from harness.schema import build, given
 from harness.spec import TOKEN_KINDS, Spec, token_kind
 
@@ -97,10 +97,15 @@ def _jobs(spec: Spec) -> list[Job]:
             ceiling_jobs.append(f"ceiling/{kind}")
 
     result_jobs = list(ceiling_jobs)
+    if spec.isoflop is not None:  # the grid is the design's cells, smallest budget first (harness/isoflop.py)
+        cells = _cell_jobs(spec, tok_deps)
+        jobs += cells
+        result_jobs += [j.name for j in cells]
+    extra = [(r.variant, r.size) for r in spec.extra_runs]
     sizes = list(dict.fromkeys([s for s in spec.sizes] + [r.size for r in spec.extra_runs]))
     for size in sizes:
         for variant in dict.fromkeys(spec.variants + [r.variant for r in spec.extra_runs]):
-            if (variant, size) not in spec.runs():
+            if (variant, size) not in spec.runs() or (spec.isoflop is not None and (variant, size) not in extra):
                 continue
             run_jobs = _run_jobs(spec, variant, size, data_deps + tok_deps[token_kind(variant)], feature_deps,
                                  evaluation)
@@ -110,8 +115,34 @@ def _jobs(spec: Spec) -> list[Job]:
     outputs = [str(spec.root / name) for name in ("runs.csv", "runs.parquet", "report.md")]
     jobs.append(MakeReport(name="report", root=str(spec.root), columns=table_columns(spec), offset=spec.report.offset,
                            n_boot=spec.report.n_boot, outputs=outputs, deps=result_jobs,
-                           resources=spec.resources_for("report")))
+                           resources=spec.resources_for("report"), **_compute_optimal(spec)))
     return jobs
+
+
+def _cell_jobs(spec: Spec, deps: dict[str, list[str]]) -> list[Job]:
+    """One TrainCell per cell of the IsoFLOP design: a normal run whose steps spend the cell's budget; `deps`:
+    the jobs each token kind's runs wait for (its tokenizer and cache)."""
+    from harness.isoflop import cell_dir, cells, shapes
+
+    jobs: list[Job] = []
+    for cell in cells(spec):
+        values = {**run_config_values(spec, cell.variant, cell.size), "out": str(cell_dir(spec, cell)),
+                  "train.steps": cell.steps}
+        try:
+            jobs.append(TrainCell(name=f"train/{cell.name}", values=values, cell=cell.record(), shapes=shapes(spec),
+                                  outputs=[str(cell_dir(spec, cell) / "summary.json")],
+                                  deps=deps[token_kind(cell.variant)], resources=spec.resources_for("train", cell.size)))
+        except FluidbenchError as e:
+            raise FluidbenchError(f"train/{cell.name}: {e}") from None
+    return jobs
+
+
+def _compute_optimal(spec: Spec) -> dict:
+    """The report's compute-optimal options, set only where they do something (so other sweeps keep their
+    report key)."""
+    if spec.isoflop is None and not spec.report.intermediate:
+        return {}
+    return {"intermediate": spec.report.intermediate, "fit_boot": spec.report.fit_boot}
 
 
 def run_config_values(spec: Spec, variant: str, size: str) -> dict:
@@ -176,4 +207,6 @@ def table_columns(spec: Spec) -> list[str]:
     from harness.results import COLUMNS
 
     dropped = set(unmeasured_columns(list(spec.eval.metrics)))
+    if spec.isoflop is None:
+        dropped.add("budget")
     return [c for c in COLUMNS if c not in dropped]

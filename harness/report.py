@@ -20,6 +20,7 @@ from harness.errors import FluidbenchError
 from harness.results import (COLUMNS, RUN_COLUMNS, _read_json, collect_run, collect_runs,  # noqa: F401
                              read_ceilings, read_table, write_table)
 from harness.scaling import PowerLawFit
+from harness.tables import markdown_table
 
 
 def fit_losses(table: pd.DataFrame, offset: bool = False, n_boot: int = 1000) -> dict[str, PowerLawFit]:
@@ -40,28 +41,14 @@ def findings(table: pd.DataFrame, fits: dict[str, PowerLawFit], sweep_dir: str |
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _fmt(value: Any) -> str:
-    if isinstance(value, (float, np.floating)):
-        if math.isnan(value):
-            return "-"
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3g}"
-        return f"{value:.4g}"
-    if isinstance(value, (int, np.integer)) and abs(int(value)) >= 1e5:
-        return f"{float(value):.3g}"
-    return str(value)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offset: bool = False,
-                 n_boot: int = 1000) -> Path:
-    """Fits, plots and report.md for a sweep folder; reads SWEEP/runs.csv unless `table` is given."""
-    from harness import plots
+                 n_boot: int = 1000, intermediate: bool = False, fit_boot: int = 200) -> Path:
+    """Fits, plots and report.md for a sweep folder; reads SWEEP/runs.csv unless `table` is given.
+
+    With IsoFLOP cells (a `budget` column), the compute-optimal section (harness/isoflop_report.py) uses every
+    run, with `fit_boot` bootstrap refits; the fixed-length sections use the runs of the largest budget.
+    """
+    from harness import isoflop_report, plots
 
     sweep_dir = Path(sweep_dir)
     table = read_table(sweep_dir) if table is None else table.copy()
@@ -74,9 +61,12 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
     from harness.curves import envelope, training_curves
     from harness.findings import size_column
 
+    everything = table
+    if table["budget"].notna().any():  # one run per (variant, size) for the sections written for that
+        table = table[table["budget"] == table["budget"].max()].reset_index(drop=True)
     fits = fit_losses(table, offset=offset, n_boot=n_boot)
     ceilings = read_ceilings(sweep_dir)
-    curves = training_curves(sweep_dir, table)
+    curves = training_curves(sweep_dir, everything)  # every run's curve, every budget's
     frontier = envelope(curves)
     figures = plots.draw_all(table, fits, ceilings, sweep_dir, x=size_column(table), curves=curves,
                              frontier=frontier)
@@ -90,6 +80,11 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
              "comparable across token types.", ""]
     if spec.get("note"):
         text += [spec["note"], ""]
+    if everything is not table:
+        text += [f"An IsoFLOP design of {len(everything)} runs: the findings, the results table's fit and the plots "
+                 f"of loss against size use the {len(table)} runs of the largest budget, C = "
+                 f"{table['budget'].max():.3g} FLOPs (each size trained for C / its FLOPs per step); the "
+                 "compute-optimal section uses every run.", ""]
     judged = findings(table, fits, sweep_dir, n_boot=max(n_boot, 1000))
     text += ["## The paper's findings, checked on these runs", "",
              "Each verdict comes from the 95% interval beside it: holds when the whole interval lies on the "
@@ -99,9 +94,13 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
              "the spread between training seeds where a size was trained with several (harness/stats.py).", "",
              markdown_table(["finding", "verdict", "95% interval", "evidence"],
                             [[f.title, f.verdict, f.interval, f.evidence] for f in judged]), ""]
-    text += ["## Results", "", markdown_table(shown, table[shown].values.tolist()), ""]
+    text += ["## Results", "", markdown_table(shown, everything[shown].values.tolist()), ""]
     text += _fit_section(table, fits, offset, figures)
     text += _envelope_section(frontier, figures)
+    if everything["budget"].notna().any() or intermediate:
+        analyses = isoflop_report.analyse(everything, sweep_dir, intermediate=intermediate, n_boot=fit_boot)
+        points = isoflop_report.run_points(everything, sweep_dir, intermediate)
+        text += isoflop_report.section(analyses, isoflop_report.draw(analyses, points, sweep_dir), intermediate)
     text += _quality_section(table, ceilings, figures)
     text += _samples_section(table, sweep_dir)
     missing = [c for c in ("fid", "geneval_overall", "clip_score") if table[c].isna().all()]

@@ -15,8 +15,8 @@ from harness.atomic import atomic_path
 from harness.errors import FluidbenchError
 
 # the run's identity and training numbers, then every metric's columns in registry order (eval/metrics.py)
-RUN_COLUMNS = ["run", "variant", "size", "seed", "token_kind", "order", "params", "params_nonembed", "train_flops",
-               "steps", "tokens_seen", "val_loss"]
+RUN_COLUMNS = ["run", "variant", "size", "seed", "token_kind", "order", "params", "params_nonembed", "budget",
+               "train_flops", "steps", "tokens_seen", "val_loss"]
 COLUMNS = [*RUN_COLUMNS, *[c for m in METRICS.values() for c in m.columns], *SAMPLING_COLUMNS]
 
 
@@ -53,6 +53,7 @@ def collect_run(run: Path) -> dict[str, Any]:
     row["seed"] = config.get("train", {}).get("seed")
     for key in ("train_flops", "steps", "tokens_seen", "val_loss"):
         row[key] = summary.get(key)
+    row["budget"] = _read_json(run / "isoflop.json").get("budget")  # a cell of an IsoFLOP design (isoflop.py)
     row.update(table_row(run, _read_json))
     return {c: (np.nan if row.get(c) is None else row[c]) for c in COLUMNS}
 

@@ -42,6 +42,7 @@ class RunPlan:
     mem_act_gb: float            # per GPU, at batch / gpus images
     mem_total_gb: float
     eval_gpu_hours: float        # sampling for FID, GenEval and CLIP score at the assumed sampling MFU
+    budget: float | None = None  # an IsoFLOP cell's budget (harness/isoflop.py): its steps spend it
 
 
 def _activation_bytes(variant, checkpointing: bool) -> float:
@@ -55,7 +56,9 @@ def _activation_bytes(variant, checkpointing: bool) -> float:
     return blocks + aligner + head_bytes
 
 
-def plan_run(spec: Spec, variant_name: str, size: str) -> RunPlan:
+def plan_run(spec: Spec, variant_name: str, size: str, steps: int | None = None,
+             budget: float | None = None) -> RunPlan:
+    """One run's plan; `steps` (an IsoFLOP cell's) replaces the spec's train.steps."""
     import torch
 
     from variants.registry import LADDER_SHAPES, build_variant
@@ -67,7 +70,7 @@ def plan_run(spec: Spec, variant_name: str, size: str) -> RunPlan:
         variant = build_variant(variant_name, size, ladder=spec.ladder, **shapes, **options)
     cluster = spec.cluster
     peak = cluster.peak_tflops * 1e12
-    batch, steps = cfg.train.batch_size, cfg.train.steps
+    batch, steps = cfg.train.batch_size, steps or cfg.train.steps
     text_online = cluster.text_encoder_params if cluster.text_encoder_online else 0.0
     text_flops = 2.0 * text_online * variant.text_len  # frozen encoder: forward only
     train_flops = variant.train_flops_per_image() * batch * steps
@@ -86,15 +89,20 @@ def plan_run(spec: Spec, variant_name: str, size: str) -> RunPlan:
     sampling = spec.eval.sampling
     cost = variant.sampling_cost(steps=sampling.steps, cfg_scale=sampling.cfg_scale, head_steps=sampling.head_steps)
     eval_hours = eval_images * (cost["flops"] + text_flops) / (peak * cluster.sample_mfu) / 3600
-    return RunPlan(variant=variant_name, size=size, params=params, train_flops=train_flops, gpus=gpus,
+    return RunPlan(variant=variant_name, size=size, budget=budget, params=params, train_flops=train_flops, gpus=gpus,
                    text_gpu_hours=text_flops * batch * steps / per_hour, strategy=strategy, activation_checkpointing=checkpointing, gpu_hours=gpu_hours,
                    wall_days=gpu_hours / gpus / 24, mem_state_gb=state / 1e9, mem_act_gb=act / 1e9,
                    mem_total_gb=(state + act + frozen) / 1e9 + 2.0, eval_gpu_hours=eval_hours)
 
 
 def scale_plan(spec: Spec) -> list[RunPlan]:
-    """One plan per training run of the spec."""
-    return [plan_run(spec, v, s) for v, s in spec.runs()]
+    """One plan per training run of the spec: its IsoFLOP cells (and extra runs) when it has a design."""
+    if spec.isoflop is None:
+        return [plan_run(spec, v, s) for v, s in spec.runs()]
+    from harness.isoflop import cells
+
+    extra = [plan_run(spec, r.variant, r.size) for r in spec.extra_runs]
+    return [plan_run(spec, c.variant, c.size, steps=c.steps, budget=c.budget) for c in cells(spec)] + extra
 
 
 def format_plan(spec: Spec, plans: list[RunPlan]) -> str:
@@ -110,7 +118,8 @@ def format_plan(spec: Spec, plans: list[RunPlan]) -> str:
     for p in plans:
         par = p.strategy + (" + act. ckpt" if p.activation_checkpointing else "")
         flag = " (over!)" if p.mem_total_gb > limit else ""
-        lines.append(f"| {p.variant} {p.size} | {p.params / 1e9:.2f}B | {p.train_flops:.2e} | {p.gpus} | {par} | "
+        run = f"{p.variant} {p.size}" + (f" @ {p.budget:.3g}" if p.budget else "")
+        lines.append(f"| {run} | {p.params / 1e9:.2f}B | {p.train_flops:.2e} | {p.gpus} | {par} | "
                      f"{p.gpu_hours:,.0f} ({p.text_gpu_hours:,.0f}) | {p.wall_days:.1f} | {p.mem_state_gb:.1f} | {p.mem_act_gb:.1f} | "
                      f"{p.mem_total_gb:.1f}{flag} | {p.eval_gpu_hours:,.1f} |")
     total = sum(p.gpu_hours for p in plans)

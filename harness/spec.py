@@ -192,10 +192,32 @@ class LocalSpec:
 
 @dataclass
 class ReportSpec:
-    """The report's fits: `offset` adds the constant c to the power law; `n_boot` bootstrap resamples."""
+    """The report's fits: `offset` adds the constant c to the power law; `n_boot` bootstrap resamples;
+    `fit_boot` refits of the compute-optimal fits, `intermediate` adds each run's earlier validations to them
+    (harness/isoflop_report.py)."""
 
     offset: bool = False
     n_boot: int = 1000
+    fit_boot: int = 200
+    intermediate: bool = False
+
+
+@dataclass
+class IsoflopSpec:
+    """An IsoFLOP design (harness/isoflop.py): training budgets in FLOPs x sizes (default: the spec's sizes);
+    `shapes` overrides the ladder's token/text shapes (seq_len, vocab_size, token_dim, text_dim) in the FLOP
+    accounting."""
+
+    budgets: list[float]
+    sizes: list[str] = field(default_factory=list)
+    shapes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            raise ValueError("budgets: expected a list of training FLOPs")
+        for c in self.budgets:
+            if not c > 0 or c == float("inf"):
+                raise ValueError(f"budgets: {c!r} is not a positive number of FLOPs")
 
 
 @dataclass
@@ -206,7 +228,7 @@ class Spec:
     data: DataSpec
     tokenizers: dict[str, TokenizerSpec]
     text: TextConfig
-    ladder: str                                     # cpu | paper
+    ladder: str                                     # cpu | cpu-isoflop | paper
     variants: list[str]
     sizes: list[str]
     out: str = ""                                   # the sweep folder (default results/<name>)
@@ -219,6 +241,7 @@ class Spec:
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     local: LocalSpec = field(default_factory=LocalSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    isoflop: IsoflopSpec | None = None              # variants x sizes x budgets instead of the grid
     note: str = ""
 
     @property
@@ -324,6 +347,10 @@ def check_spec(spec: Spec) -> None:
         for size in sizes:
             if size not in rungs and not (section == "resources.train" and size == "default"):
                 raise FluidbenchError(f"{section}.{size}: not in the {spec.ladder} ladder ({', '.join(rungs)})")
+    if spec.isoflop is not None:
+        from harness.isoflop import check_isoflop
+
+        check_isoflop(spec)
     for where, values in [("run", spec.run)] + [(f"per_size.{s}", v) for s, v in spec.per_size.items()]:
         if not isinstance(values, Mapping):
             raise FluidbenchError(f"{where}: expected a mapping of RunConfig keys")

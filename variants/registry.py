@@ -46,6 +46,9 @@ LADDERS = {
             Rung("cpu-m", 4, 128, 4, aligner_blocks=2, head_blocks=3),
             Rung("cpu-l", 6, 192, 6, aligner_blocks=2, head_blocks=3)],
 }
+# The CPU ladder with a rung below it (~0.03M): the embedded IsoFLOP sweep's smallest budget is best spent on
+# a model under cpu-xs, and a profile needs sizes on both sides of its minimum
+LADDERS["cpu-isoflop"] = [Rung("cpu-2xs", 2, 16, 2, aligner_blocks=1, head_blocks=2), *LADDERS["cpu"]]
 
 # Token and text shapes each ladder is meant for (used to count parameters for `fluidbench variants`):
 # paper = 256 tokens, aMUSEd VQ 8192 codes, SD-VAE 2x2 patches of 4 channels, T5-XXL (D 4096, 128 tokens);
@@ -53,6 +56,7 @@ LADDERS = {
 # (D 384, 32 tokens).
 LADDER_SHAPES = {"paper": {"seq_len": 256, "vocab_size": 8192, "token_dim": 16, "text_dim": 4096, "text_len": 128},
                  "cpu": {"seq_len": 64, "vocab_size": 512, "token_dim": 8, "text_dim": 384, "text_len": 32}}
+LADDER_SHAPES["cpu-isoflop"] = LADDER_SHAPES["cpu"]
 
 RUNG_FIELDS = ("blocks", "width", "heads", "aligner_blocks", "head_blocks")
 

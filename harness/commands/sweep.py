@@ -49,6 +49,10 @@ def sweep(
         if missing and not dry_run and executor is Executor.local:
             raise ValueError(f"--only {only!r}: needs {', '.join(missing)} done first (run them, or widen --only)")
     if dry_run:
+        if loaded.isoflop is not None:
+            from harness.isoflop import cells, format_cells
+
+            typer.echo(format_cells(loaded, cells(loaded)))
         sbatch = None
         if executor is Executor.slurm:
             from harness.slurm import dry_run_sbatch

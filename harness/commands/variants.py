@@ -1,4 +1,4 @@
-"""CLI: `fluidbench variants`: the four variants and both size ladders with their parameter counts."""
+"""CLI: `fluidbench variants`: the four variants and the size ladders with their parameter counts."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
     def variants_cmd(
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
-        """List the four variants and both size ladders with parameter counts."""
+        """List the four variants and the size ladders with parameter counts."""
         table = variants_table()
         if as_json:
             print(json.dumps(table, indent=2))
