@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import FluidbenchError
+from harness.hashing import sha256_file
 
 SIGMA, SCALE = 10.0, 1000.0  # cmmd/distance.py: _SIGMA, _SCALE
 CMMD_MODEL = "ViT-L-14-336-quickgelu"
@@ -43,7 +44,7 @@ class ClipImageFeatures:
         self.dim = int(self.scorer.net.visual.output_dim)
         source = self.scorer.pretrained
         # the weights' identity: a local file's sha256, else open_clip's tag (its cache holds one file per tag)
-        self.checksum = _sha256(source) if Path(source).is_file() else hashlib.sha256(
+        self.checksum = sha256_file(source) if Path(source).is_file() else hashlib.sha256(
             f"{model}:{source}".encode()).hexdigest()
 
     @torch.no_grad()
@@ -59,7 +60,3 @@ class ClipImageFeatures:
         return emb / emb.norm(dim=-1, keepdim=True)  # (B, dim), unit length as cmmd/embedding.py
 
 
-def _sha256(path: str | Path) -> str:
-    from eval.fid import sha256_file
-
-    return sha256_file(path)

@@ -225,7 +225,9 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
     if coco is not None:
         described |= {"name": coco.name, "source": coco.source}
     result |= {"protocol": described, **_record(run, settings, stats)}
-    if stats.latents.n:  # continuous tokens: do the sampled latents stay in the data's distribution?
+    # continuous tokens: do the sampled latents stay in the data's distribution? (a tokenizer without posterior
+    # moments, such as a test's pixel stand-in, has no data latents to compare with)
+    if stats.latents.n and hasattr(run.tokenizer, "encode_moments"):
         from eval.sampling import data_latent_stats, latent_comparison
 
         m = min(n, 1000)  # moments settle long before COCO-30K's 30,000 encodes would finish
