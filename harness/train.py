@@ -105,6 +105,10 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
         found = load_latest(run, quarantine=False, verify=False)
     if found is not None:
         _check_resume_config(found[1], cfg, found[0]["config"])  # also when config.json was lost
+        if found[0]["step"] > cfg.train.steps:
+            raise FluidbenchError(f"{run} is already at step {found[0]['step']}, past train.steps={cfg.train.steps}")
+        if found[0]["step"] == cfg.train.steps and (run / "summary.json").exists():
+            return json.loads((run / "summary.json").read_text())  # finished: nothing to do
     tokenizer = load_tokenizer(cfg, info.device)
     check_token_kind(cfg, tokenizer)
     text_encoder = load_text_encoder(cfg, info.device)
@@ -163,10 +167,6 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
         # the run's first file once every input has been read and the settings matched any checkpoint's:
         # a run that failed on bad input leaves nothing to refuse a corrected command with
         write_json(run / "config.json", cfg.to_dict())
-    if step > cfg.train.steps:
-        raise FluidbenchError(f"{run} is already at step {step}, past train.steps={cfg.train.steps}")
-    if step == cfg.train.steps and (run / "summary.json").exists():
-        return json.loads((run / "summary.json").read_text())  # finished: nothing to do
 
     def validate() -> float:
         from eval.loss import validation_loss
