@@ -96,6 +96,19 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
     resuming = _has_progress(run)
     if resuming:  # a run with nothing saved yet takes the new settings: a corrected command after a failure
         _check_resume_config(run / "config.json", cfg)
+    found = load_latest(run) if info.is_main else None  # the main process sets corrupt files aside first
+    if info.is_main and found is None and resuming:
+        raise FluidbenchError(f"{run}: has results but no readable checkpoint (corrupt ones set aside as "
+                              f"{run / 'checkpoints'}/*.corrupt); not starting over them: use a new --out")
+    D.barrier()
+    if not info.is_main:  # the newest file is now the one the main process verified: no second digest
+        found = load_latest(run, quarantine=False, verify=False)
+    if found is not None:
+        _check_resume_config(found[1], cfg, found[0]["config"])  # also when config.json was lost
+        if found[0]["step"] > cfg.train.steps:
+            raise FluidbenchError(f"{run} is already at step {found[0]['step']}, past train.steps={cfg.train.steps}")
+        if found[0]["step"] == cfg.train.steps and (run / "summary.json").exists():
+            return json.loads((run / "summary.json").read_text())  # finished: nothing to do
     tokenizer = load_tokenizer(cfg, info.device)
     check_token_kind(cfg, tokenizer)
     text_encoder = load_text_encoder(cfg, info.device)
@@ -128,16 +141,8 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
 
     # ---- resume ----
     step, wall_before, last_ckpt = 0, 0.0, None
-    found = load_latest(run) if info.is_main else None  # the main process sets corrupt files aside first
-    if info.is_main and found is None and resuming:
-        raise FluidbenchError(f"{run}: has results but no readable checkpoint (corrupt ones set aside as "
-                              f"{run / 'checkpoints'}/*.corrupt); not starting over them: use a new --out")
-    D.barrier()
-    if not info.is_main:  # the newest file is now the one the main process verified: no second digest
-        found = load_latest(run, quarantine=False, verify=False)
-    if found is not None:
-        state, last_ckpt = found
-        _check_resume_config(last_ckpt, cfg, state["config"])  # also when config.json was lost
+    if found is not None:  # found, and checked against the settings, before any work
+        (state, last_ckpt), found = found, None  # the only reference to the state: freed below
         D.load_model_state_dict(model, state["ema"])
         ema.copy_from(params)
         D.load_model_state_dict(model, state["model"])
@@ -155,17 +160,13 @@ def _train(cfg: RunConfig, info: D.DistInfo) -> dict[str, Any]:
         del state
     if info.is_main and (run / "metrics.jsonl").exists():
         # rows logged after the resumed step (step 0 when nothing was saved) belong to a lost future: drop them
-        keep_to = step if found is not None else -1
+        keep_to = step if last_ckpt is not None else -1
         rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step", 0) <= keep_to]
         write_text(run / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     if info.is_main:
         # the run's first file once every input has been read and the settings matched any checkpoint's:
         # a run that failed on bad input leaves nothing to refuse a corrected command with
         write_json(run / "config.json", cfg.to_dict())
-    if step > cfg.train.steps:
-        raise FluidbenchError(f"{run} is already at step {step}, past train.steps={cfg.train.steps}")
-    if step == cfg.train.steps and (run / "summary.json").exists():
-        return json.loads((run / "summary.json").read_text())  # finished: nothing to do
 
     def validate() -> float:
         from eval.loss import validation_loss

@@ -342,27 +342,41 @@ def test_tar_shards_hold_fewer_samples_than_asked(tmp_path):
     assert_refused(result, "3 samples", "5")
 
 
-@pytest.mark.parametrize("damage, named", [
-    ("weights-truncated", "tok"),  # a missing file fails the same way (diffusers' OSError)
-    ("model-config", "tok"),
-    ("no-kind", "tokenizer.json"),
-])
-def test_damaged_tokenizer_folder(inputs, tmp_path, damage, named):
-    tok = tmp_path / "tok"
+def _damaged_tokenizer(inputs, tmp_path: Path, damage: str) -> Path:
+    tok = tmp_path / damage
     shutil.copytree(inputs["vq"], tok)
     weights = tok / "model" / "diffusion_pytorch_model.safetensors"
     if damage == "weights-truncated":
         weights.write_bytes(weights.read_bytes()[:500])
+    elif damage == "weights-missing":
+        weights.unlink()
     elif damage == "model-config":
         (tok / "model" / "config.json").write_text("{not json")
     else:
         meta = json.loads((tok / "tokenizer.json").read_text())
         del meta["kind"]
         (tok / "tokenizer.json").write_text(json.dumps(meta))
+    return tok
+
+
+def test_damaged_tokenizer_folder(inputs, tmp_path):
+    tok = _damaged_tokenizer(inputs, tmp_path, "weights-truncated")
     before = contents(tok)
     result = run_cli(["tokenizer", "eval", "--tokenizer", tok, "--data", inputs["data"]])
-    assert_refused(result, "--tokenizer", str(tok), named)
+    assert_refused(result, "--tokenizer", str(tok), "cannot be read")
     assert contents(tok) == before
+
+
+@pytest.mark.parametrize("damage, named", [("weights-missing", "cannot be read"), ("model-config", "cannot be read"),
+                                           ("no-kind", "tokenizer.json: missing kind")])
+def test_damaged_tokenizer_folder_other_ways(inputs, tmp_path, damage, named):
+    """The same wrapper (the case above runs it through the command line), in this process: each was a traceback."""
+    from variants.tokenizers import load_tokenizer
+
+    tok = _damaged_tokenizer(inputs, tmp_path, damage)
+    with pytest.raises(ValueError, match=re.escape(named)) as e:
+        load_tokenizer(tok)
+    assert str(tok) in str(e.value) and "\n" not in str(e.value)
 
 
 def _geneval_folder(root: Path, tag: str = "single_object") -> Path:
