@@ -60,6 +60,6 @@ class ClipImageFeatures:
 
 
 def _sha256(path: str | Path) -> str:
-    from eval.fid import sha256_file
+    from harness.hashing import sha256_file
 
     return sha256_file(path)

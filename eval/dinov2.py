@@ -95,7 +95,7 @@ class DinoV2Features:
 
     def __init__(self, name: str = "dinov2-vit-l-14", weights: str | Path | None = None,
                  device: str | torch.device = "cpu"):
-        from eval.fid import sha256_file
+        from harness.hashing import sha256_file
 
         backbone = build_backbone(name, weights)
         self.net = _torch_fidelity_extractor(name, backbone).to(device)
