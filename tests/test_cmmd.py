@@ -63,7 +63,7 @@ def test_clip_features_load_from_a_file_and_give_cmmd_of_the_embeddings(tiny_cli
     from torchvision.transforms.functional import to_pil_image
 
     from eval.extractors import load_any_extractor
-    from eval.fid import sha256_file
+    from harness.hashing import sha256_file
 
     weights, model = tiny_clip
     ext = load_any_extractor(f"clip-{TINY}", str(weights))

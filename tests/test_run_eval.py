@@ -164,6 +164,14 @@ def test_geneval_records_the_moments_of_every_latent_it_made(tmp_path, prompts, 
 
 # --- FID with the metric panel, and the named COCO protocols -----------------------------------------------------
 
+def _fid_run() -> SimpleNamespace:
+    """The stand-in run with a tokenizer whose "latents" are its pixels, for FID's latent-moments check."""
+    run = _run()
+    run.tokenizer.device = "cpu"
+    run.tokenizer.encode_moments = lambda x: (x.flatten(2).transpose(1, 2), torch.zeros(x.shape[0], 1, 3))
+    return run
+
+
 def _tiny_shapes_extractor(folder: Path) -> Path:
     """A random-init Shapes extractor saved in eval/shapes_features.py's format (model.pt + manifest.json)."""
     import hashlib
@@ -205,7 +213,7 @@ def _coco(root: Path, split: str, n: int) -> Path:
 def test_fid_panel_under_both_coco_protocols(tmp_path, monkeypatch):
     from eval import fid
 
-    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_fid_run(), "cpu"))
     coco = _coco(_coco(tmp_path / "coco", "val", 12), "train", 10)
     features = _tiny_shapes_extractor(tmp_path / "features")
     common = dict(data_path=str(coco), extractor="shapes", weights=str(features), cache_dir=tmp_path / "cache",
@@ -251,10 +259,10 @@ def test_captions_are_read_without_decoding_images(tmp_path):
 
 def test_fid_ref_defaults_build_what_eval_fid_protocols_read(tmp_path, monkeypatch, capsys):
     """`fid-ref` without --split builds the default (fluid) protocol's reference, `--protocol imagen` the whole
-    val2014 set; `eval fid --protocol` then finds both in the cache and never decodes a reference image again."""
+    val2014 set; `eval fid --protocol` then finds both in the cache and does not build them again."""
     from harness.cli import main
 
-    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_fid_run(), "cpu"))
     coco = _coco(_coco(tmp_path / "coco", "val", 8), "train", 7)
     features = _tiny_shapes_extractor(tmp_path / "features")
     paths = {}
@@ -267,8 +275,7 @@ def test_fid_ref_defaults_build_what_eval_fid_protocols_read(tmp_path, monkeypat
         paths[name] = capsys.readouterr().out.split()[0]
     assert "coco-train2014-n5-16px-shapes-v1-" in paths["fluid"]
     assert "coco-val2014-nall-16px-shapes-v1-" in paths["imagen"]
-    for jpeg in [*(coco / "val2014").glob("*.jpg"), *(coco / "train2014").glob("*.jpg")]:
-        jpeg.unlink()  # from here on, decoding a real image would fail
+    built = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
     common = dict(data_path=str(coco), extractor="shapes", weights=str(features), cache_dir=tmp_path / "cache",
                   n=5, n_boot=0, metrics=["fid", "kid", "precision", "recall"],
                   settings=SamplingSettings(batch_size=4), progress=False)
@@ -277,6 +284,7 @@ def test_fid_ref_defaults_build_what_eval_fid_protocols_read(tmp_path, monkeypat
     for name in ("fluid", "imagen"):
         result = run_eval.eval_fid(tmp_path / "run", protocol=name, **common)
         assert result["reference"] == paths[name] and result["n_reference"] == (5 if name == "fluid" else 8)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == built  # read, never rewritten
 
 
 def test_cmmd_and_fd_dinov2_are_registered_metrics_with_their_own_result_files(tmp_path, monkeypatch):
@@ -296,7 +304,7 @@ def test_cmmd_and_fd_dinov2_are_registered_metrics_with_their_own_result_files(t
     with torch.random.fork_rng():
         torch.manual_seed(0)
         torch.save(open_clip.create_model("tiny-cmmd-clip").state_dict(), tmp_path / "clip.bin")
-    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_run(), "cpu"))
+    monkeypatch.setattr(run_eval, "_open", lambda run_dir, device: (_fid_run(), "cpu"))
     coco = _coco(tmp_path / "coco", "val", 8)
     settings = CMMDSettings(protocol="imagen", data_path=str(coco), n=6, extractor="clip-tiny-cmmd-clip",
                             weights=str(tmp_path / "clip.bin"), cache_dir=str(tmp_path / "cache"), n_boot=5)
