@@ -302,6 +302,13 @@ def _ci(lo: float, hi: float, fmt: str = ".3g") -> str:
     return "-" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def _parameter(value: float, lo: float, hi: float) -> str:
+    """A fitted parameter and its interval; one the refits never moved from is flagged: the data leave it
+    unconstrained (a flat direction of the objective, e.g. E with one or two budgets), not known exactly."""
+    flat = math.isfinite(lo) and math.isfinite(hi) and hi - lo <= 1e-6 * max(abs(value), 1e-300)
+    return f"{value:.4g} {_ci(lo, hi)}" + (" (flat: not identified)" if flat else "")
+
+
 def section(analyses: dict[str, VariantAnalysis], figures: dict[str, str], intermediate: bool) -> list[str]:
     """The report's "Compute-optimal scaling" section (markdown lines)."""
     from harness.tables import markdown_table
@@ -351,7 +358,7 @@ def section(analyses: dict[str, VariantAnalysis], figures: dict[str, str], inter
         if p is None:
             continue
         exponent = p.beta / (p.alpha + p.flops_gamma * p.beta) if p.alpha + p.beta > 0 else math.nan
-        rows.append([v, *[f"{getattr(p, k):.4g} {_ci(*p.intervals[k])}" for k in PARAMS], exponent,
+        rows.append([v, *[_parameter(getattr(p, k), *p.intervals[k]) for k in PARAMS], exponent,
                      f"{a.points} + {a.intermediate_points}" if a.intermediate_points else a.points,
                      p.residual_sigma])
     if rows:

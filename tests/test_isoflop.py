@@ -294,3 +294,10 @@ def test_envelope_keeps_the_points_no_cheaper_point_beats():
                            "params": [10, 10, 20, 20, 40, 40], "variant": "vq-random"})
     front = envelope(points)
     assert front["flops"].tolist() == [1, 2, 4] and front["loss"].tolist() == [5.0, 4.0, 3.0]
+
+
+def test_a_parameter_the_refits_never_move_is_flagged_not_reported_as_exact():
+    from harness.isoflop_report import _parameter
+
+    assert _parameter(9.46e-10, 9.46e-10, 9.46e-10).endswith("(flat: not identified)")
+    assert "flat" not in _parameter(1.69, 1.42, 1.79)
