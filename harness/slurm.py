@@ -102,7 +102,7 @@ class SweepJob:
         if os.environ.get("SLURM_CPUS_PER_TASK"):  # the CPUs Slurm gave this task, not every core of the node
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         job = next(j for j in plan(self.spec) if j.name == self.job_name)
-        if is_done(self.spec, job):
+        if is_done(self.spec, job) and not job.waits_for_any:  # the report was submitted again to redraw
             return "done already"
         if not isinstance(job, TrainRun):  # one task; on a signal submitit requeues it and it starts over
             run_job(self.spec, job)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from enum import Enum
 from fnmatch import fnmatch
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -57,7 +58,7 @@ def sweep(
         if executor is Executor.slurm:
             from harness.slurm import dry_run_sbatch
 
-            sbatch = lambda job, todo: dry_run_sbatch(loaded, job, todo)  # noqa: E731
+            sbatch = partial(dry_run_sbatch, loaded)
         typer.echo(sweeps.describe(loaded, jobs, executor.value, sbatch))
         return
     if executor is Executor.slurm:
@@ -72,7 +73,7 @@ def sweep(
     _report(loaded, run_local(loaded, jobs))
 
 
-def _report(loaded, status: dict[str, str]) -> None:
+def _report(loaded: Any, status: dict[str, str]) -> None:
     """The end of a sweep here (or of one waited for on Slurm): what failed, else where the results are."""
     failed = [name for name, s in status.items() if s in ("failed", "blocked")]
     if failed:
