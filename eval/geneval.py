@@ -214,7 +214,8 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def score_folder(images_dir: str | Path, detector: Detector, color_classifier: ColorClassifier | None = None,
-                 rules: GenEvalRules = GenEvalRules(), batch_size: int = 8, progress: bool = True) -> dict:
+                 rules: GenEvalRules = GenEvalRules(), batch_size: int = 8, progress: bool = True,
+                 per_prompt: int | None = None) -> dict:
     """Score a folder in the official layout; write DIR/results.jsonl and DIR/summary.json; return the summary.
 
     Args:
@@ -225,6 +226,7 @@ def score_folder(images_dir: str | Path, detector: Detector, color_classifier: C
         rules: GenEval's thresholds, cap, NMS and position margin.
         batch_size: images per `detector.detect` call.
         progress: show a progress bar.
+        per_prompt: images every prompt folder must hold (None: any count, gaps are still errors).
     Returns:
         `summarize(...)` plus `detector`, `comparable_to_published`, `color_classifier` and `rules`.
     """
@@ -232,7 +234,8 @@ def score_folder(images_dir: str | Path, detector: Detector, color_classifier: C
 
     from eval.colors import DetectionColors
     images_dir = Path(images_dir)
-    items = [(path, meta) for _, meta, paths in iter_prompt_folders(images_dir, strict=True) for path in paths]
+    items = [(path, meta) for _, meta, paths in iter_prompt_folders(images_dir, strict=True, per_prompt=per_prompt)
+             for path in paths]
     if not items:
         raise FluidbenchError(f"{images_dir}: no images found (expected <index:05d>/metadata.jsonl and "
                               "<index:05d>/samples/<n>.png)")

@@ -54,13 +54,15 @@ def write_prompt_folder(root: str | Path, index: int, metadata: dict, images: Se
     return folder
 
 
-def iter_prompt_folders(root: str | Path, strict: bool = False) -> Iterator[tuple[int, dict, list[Path]]]:
+def iter_prompt_folders(root: str | Path, strict: bool = False,
+                        per_prompt: int | None = None) -> Iterator[tuple[int, dict, list[Path]]]:
     """Yield (index, metadata, sample paths) for each complete prompt folder, in index order.
 
     Without `strict` (a generator resuming its own folder) an unfinished folder, one without metadata.jsonl
     yet, is skipped. With it (scoring someone's images) every prompt folder must be complete: metadata.jsonl
-    and samples numbered 0.png .. (n-1).png, so a missing image is an error rather
-    than a score over fewer images (prompts may have different n)."""
+    and samples numbered 0.png .. (n-1).png, so a missing image is an error rather than a score over fewer
+    images. Prompts may have different n; `per_prompt` (GenEval: 4) makes every folder hold exactly that many,
+    which also catches a missing last image."""
     root = Path(root)
     if not root.is_dir():
         raise FluidbenchError(f"{root}: image folder not found (expected GenEval layout <index:05d>/samples/<n>.png)")
@@ -85,4 +87,9 @@ def iter_prompt_folders(root: str | Path, strict: bool = False) -> Iterator[tupl
                 gap = next((i for i, n in enumerate(numbers) if n != i), len(numbers))
                 raise FluidbenchError(f"{folder / 'samples' / f'{gap}.png'}: missing (samples must be 0.png .. "
                                       f"n-1.png; found {', '.join(p.name for p in samples) or 'none'})")
+            if per_prompt is not None and len(samples) != per_prompt:
+                missing = folder / "samples" / f"{len(samples)}.png"
+                raise FluidbenchError(f"{missing if len(samples) < per_prompt else folder / 'samples'}: "
+                                      f"{'missing' if len(samples) < per_prompt else 'too many images'} (expected "
+                                      f"{per_prompt} images per prompt, found {len(samples)})")
         yield int(folder.name), metadata, samples

@@ -85,7 +85,7 @@ def eval_geneval(run_dir: str | Path, *, prompts: str | Path | None = None, per_
     det = load_detector(detector, detector_path, device=device)
     colors = load_clip_colors(clip_path, device=device) if not det.colors and needs_colors(metadata) \
         else None
-    summary = score_folder(folder, det, colors, progress=progress)
+    summary = score_folder(folder, det, colors, progress=progress, per_prompt=per_prompt)
     result = {**summary, "protocol": {"prompts": str(prompt_file), "n_prompts": len(metadata),
                                       "images_per_prompt": per_prompt, "detector": detector},
               **_record(run, settings, stats)}

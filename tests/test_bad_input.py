@@ -391,6 +391,7 @@ def _geneval_folder(root: Path, tag: str = "single_object") -> Path:
 
 @pytest.mark.parametrize("damage, named", [
     ("missing-sample", "00001/samples/1.png"),
+    ("missing-last-sample", "00001/samples/2.png: missing (expected 3 images per prompt, found 2)"),
     ("missing-metadata", "00001/metadata.jsonl"),
     ("unknown-tag", "'shapes'"),
     ("not-png", "00000/samples/0.png"),
@@ -399,11 +400,14 @@ def test_geneval_folder_complete_and_known(tmp_path, damage, named):
     folder = _geneval_folder(tmp_path / "images", tag="shapes" if damage == "unknown-tag" else "single_object")
     if damage == "missing-sample":
         (folder / "00001" / "samples" / "1.png").unlink()
+    elif damage == "missing-last-sample":  # no gap to see: caught by the count the user states
+        (folder / "00001" / "samples" / "2.png").unlink()
     elif damage == "missing-metadata":
         (folder / "00001" / "metadata.jsonl").unlink()
     elif damage == "not-png":
         (folder / "00000" / "samples" / "0.png").write_bytes(b"GIF89a not really")
     before = contents(folder)
-    result = run_cli(["eval", "geneval-score", "--images", folder, "--detector", "shapes-oracle", "--device", "cpu"])
+    result = run_cli(["eval", "geneval-score", "--images", folder, "--detector", "shapes-oracle", "--device", "cpu",
+                      "--n", "3"])
     assert_refused(result, named)
     assert contents(folder) == before and not (folder / "summary.json").exists()

@@ -21,6 +21,8 @@ def geneval_score(
                                                    "for a file you trust.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per detector call.")] = 8,
+    per_prompt: Annotated[Optional[int], typer.Option("--n", min=1, help="Images every prompt folder must hold "
+                                                      "(GenEval: 4); default: any count.")] = None,
 ) -> None:
     """Score an existing GenEval image folder; write DIR/results.jsonl and DIR/summary.json."""
     from eval.colors import load_clip_colors
@@ -35,7 +37,7 @@ def geneval_score(
     colors = None
     if not found.colors and needs_colors([meta for _, meta, _ in iter_prompt_folders(images, strict=True)]):
         colors = load_clip_colors(clip_path, device=device, torchscript=clip_torchscript)
-    summary = score_folder(images, found, colors, batch_size=batch_size)
+    summary = score_folder(images, found, colors, batch_size=batch_size, per_prompt=per_prompt)
     tasks = " ".join(f"{tag}={summary[tag]:.3f}" for tag in summary["tasks"])
     label = "" if summary["comparable_to_published"] else " (not comparable to published GenEval)"
     typer.echo(f"GenEval overall={summary['overall']:.4f} {tasks} correct_images={summary['correct_images']:.3f} "
