@@ -107,10 +107,11 @@ def _jobs(spec: Spec) -> list[Job]:
         for variant in dict.fromkeys(spec.variants + [r.variant for r in spec.extra_runs]):
             if (variant, size) not in spec.runs() or (spec.isoflop is not None and (variant, size) not in extra):
                 continue
-            run_jobs = _run_jobs(spec, variant, size, data_deps + tok_deps[token_kind(variant)], feature_deps,
-                                 evaluation)
-            jobs += run_jobs
-            result_jobs += [j.name for j in run_jobs]
+            for seed in [0, *spec.extra_seeds(variant, size)]:
+                run_jobs = _run_jobs(spec, variant, size, data_deps + tok_deps[token_kind(variant)], feature_deps,
+                                     evaluation, seed)
+                jobs += run_jobs
+                result_jobs += [j.name for j in run_jobs]
 
     outputs = [str(spec.root / name) for name in ("runs.csv", "runs.parquet", "report.md")]
     jobs.append(MakeReport(name="report", root=str(spec.root), columns=table_columns(spec), offset=spec.report.offset,
@@ -145,10 +146,13 @@ def _compute_optimal(spec: Spec) -> dict:
     return {"intermediate": spec.report.intermediate, "fit_boot": spec.report.fit_boot}
 
 
-def run_config_values(spec: Spec, variant: str, size: str) -> dict:
-    """Every RunConfig value the sweep sets for one run (dotted keys): spec values, then the run's identity."""
+def run_config_values(spec: Spec, variant: str, size: str, seed: int = 0) -> dict:
+    """Every RunConfig value the sweep sets for one run (dotted keys): spec values, then the run's identity;
+    seed k > 0 of a rung trains with train.seed + k (weights, data order, loss draws) into its own folder."""
     values = spec.run_values(size)
-    values.update({"out": str(spec.run_dir(variant, size)), "data.path": str(spec.data_dir()),
+    if seed:
+        values["train.seed"] = int(values.get("train.seed", 0)) + seed
+    values.update({"out": str(spec.seed_run_dir(variant, size, seed)), "data.path": str(spec.data_dir()),
                    "data.kind": spec.data.kind, "tokenizer.path": str(spec.tokenizer_dir(token_kind(variant))),
                    "model.variant": variant, "model.size": size, "model.ladder": spec.ladder})
     values.update({f"text.{k}": v for k, v in given(spec.text).items()})
@@ -157,11 +161,11 @@ def run_config_values(spec: Spec, variant: str, size: str) -> dict:
 
 
 def _run_jobs(spec: Spec, variant: str, size: str, deps: list[str], feature_deps: list[str],
-              evaluation: Any) -> list[Job]:
-    run = str(spec.run_dir(variant, size))
-    name = f"{variant}-{size}"
+              evaluation: Any, seed: int = 0) -> list[Job]:
+    run = str(spec.seed_run_dir(variant, size, seed))
+    name = Path(run).name
     try:
-        jobs: list[Job] = [TrainRun(name=f"train/{name}", values=run_config_values(spec, variant, size),
+        jobs: list[Job] = [TrainRun(name=f"train/{name}", values=run_config_values(spec, variant, size, seed),
                                     outputs=[str(Path(run) / "summary.json")], deps=deps,
                                     resources=spec.resources_for("train", size))]
     except FluidbenchError as e:

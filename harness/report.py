@@ -102,6 +102,7 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
         points = isoflop_report.run_points(everything, sweep_dir, intermediate)
         text += isoflop_report.section(analyses, isoflop_report.draw(analyses, points, sweep_dir), intermediate)
     text += _quality_section(table, ceilings, figures)
+    text += _latents_section(table, sweep_dir)
     text += _samples_section(table, sweep_dir)
     missing = [c for c in ("fid", "geneval_overall", "clip_score") if table[c].isna().all()]
     if missing:
@@ -181,6 +182,30 @@ def _quality_section(table: pd.DataFrame, ceilings: dict[str, dict], figures: di
                  markdown_table(["tokenizer", "PSNR dB", "codebook use", "oracle exact", "GenEval ceiling",
                                  "GenEval true scenes"], rows), ""]
     return text
+
+
+LATENT_STD_TOLERANCE = 0.25  # sampled latent std within 25% of the data's: the sampler stays in distribution
+
+
+def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
+    """kl runs: the moments of the latents sampled for FID beside the data's (eval/fid.json, `latents`)."""
+    rows = []
+    for _, r in table.iterrows():
+        latents = _read_json(sweep_dir / "runs" / str(r["run"]) / "eval" / "fid.json").get("latents")
+        if not latents or not latents.get("sampled") or not latents.get("data"):
+            continue
+        sampled, data, ratio = latents["sampled"], latents["data"], latents.get("std_ratio")
+        ok = ratio is not None and abs(ratio - 1) <= LATENT_STD_TOLERANCE
+        rows.append([f"{r['variant']} {r['size']}", sampled["std"], data["std"], ratio, sampled["mean_abs"],
+                     data["mean_abs"], sampled["max_abs"], data["max_abs"], "yes" if ok else "**no**"])
+    if not rows:
+        return []
+    return ["## kl sampler: sampled latents against the data's", "",
+            "Every value of the latents sampled for FID against the data's latents (posterior draws of the same "
+            "captions' real images, normalised as training sees them). In distribution: sampled std within "
+            f"{LATENT_STD_TOLERANCE:.0%} of the data's.", "",
+            markdown_table(["run", "sampled std", "data std", "ratio", "sampled mean abs", "data mean abs",
+                            "sampled max abs", "data max abs", "in distribution"], rows), ""]
 
 
 def _samples_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:

@@ -89,10 +89,12 @@ class TokenizerSpec:
 
 @dataclass
 class RunName:
-    """One training run beyond the grid."""
+    """One training run beyond the grid, or more seeds of a grid run: `seeds: n` trains seeds 0..n-1 of the
+    rung (train.seed + k), so the report measures the seed spread instead of assuming it."""
 
     variant: str
     size: str
+    seeds: int = 1
 
 
 @dataclass
@@ -259,10 +261,19 @@ class Spec:
         return self.root / "runs" / f"{variant}-{size}"
 
     def runs(self) -> list[tuple[str, str]]:
-        """(variant, size) of every training run: the grid, then the extra runs."""
+        """(variant, size) of every training run: the grid, then the extra runs (seed 0 of each)."""
         grid = [(v, s) for v in self.variants for s in self.sizes]
         extra = [(r.variant, r.size) for r in self.extra_runs]
-        return grid + [r for r in extra if r not in grid]
+        return grid + [r for r in dict.fromkeys(extra) if r not in grid]
+
+    def extra_seeds(self, variant: str, size: str) -> list[int]:
+        """The seeds beyond the first that the spec asks of (variant, size): 1..n-1 for `seeds: n`."""
+        n = max([r.seeds for r in self.extra_runs if (r.variant, r.size) == (variant, size)], default=1)
+        return list(range(1, n))
+
+    def seed_run_dir(self, variant: str, size: str, seed: int) -> Path:
+        """The folder of seed `seed` of a rung: the rung's own for 0, else <variant>-<size>-seed<k>."""
+        return self.run_dir(variant, size) if seed == 0 else self.root / "runs" / f"{variant}-{size}-seed{seed}"
 
     def run_values(self, size: str) -> dict:
         """The spec's RunConfig values for one rung: `run`, then `per_size[size]` (dotted keys)."""
@@ -329,6 +340,9 @@ def check_spec(spec: Spec) -> None:
     for kind, tok in spec.tokenizers.items():
         if kind not in TOKEN_KINDS:
             raise FluidbenchError(f"tokenizers.{kind}: expected vq|kl with `path: DIR` or `train: {{...}}`")
+    for i, extra in enumerate(spec.extra_runs):
+        if extra.seeds < 1:
+            raise FluidbenchError(f"extra_runs[{i}].seeds: expected >= 1 (seeds 0..n-1 of the rung), got {extra.seeds}")
     for variant, size in spec.runs():
         if variant not in VARIANTS:
             raise FluidbenchError(f"variant {variant!r} unknown (expected one of {', '.join(VARIANTS)})")

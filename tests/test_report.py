@@ -133,7 +133,9 @@ def test_fid_verdict_uses_the_panel_standard_errors(tmp_path):
     table["fid_se"] = 0.5
     finding = findings(table, fits)[KL_FID]
     assert finding.verdict == "holds" and "bootstrap SE" in finding.interval
-    table["fid_se"] = 30.0  # the recorded standard errors widen the interval past zero: nothing is resolved
+    # each pair's difference +- 1.96 x sqrt(2) x 0.5 = 1.39
+    assert "random S: kl 5.6 vs vq 16.9 (-11.2 [-12.6, -9.9]" in finding.evidence
+    table["fid_se"] = 15.0  # the mean of 6 differences (about -10.5) +- 1.96 x 15 / sqrt(3) = 17: not resolved
     assert findings(table, fits)[KL_FID].verdict == "not resolved"
     # the panel's columns come from fid.json, the floor from its `floor` entry; KID is drawn with its error bars
     run = tmp_path / "runs" / "kl-random-S"
@@ -148,3 +150,17 @@ def test_fid_verdict_uses_the_panel_standard_errors(tmp_path):
     table.to_csv(tmp_path / "runs.csv", index=False)
     text = write_report(tmp_path, n_boot=20).read_text()
     assert "](kid_vs_params.png)" in text and "FID 1.5, KID 0.0001" in text
+
+
+def test_report_shows_each_kl_runs_sampled_latents_beside_the_data(tmp_path):
+    table = fixture_table()
+    table.to_csv(tmp_path / "runs.csv", index=False)
+    for run, std in (("kl-random-S", 1.1), ("kl-raster-S", 480.0)):  # in distribution, and a diverged sampler
+        (tmp_path / "runs" / run / "eval").mkdir(parents=True)
+        latents = {"sampled": {"std": std, "mean_abs": 0.8 * std, "max_abs": 5 * std, "values": 100},
+                   "data": {"std": 1.0, "mean_abs": 0.8, "max_abs": 4.0, "values": 100}, "std_ratio": std}
+        (tmp_path / "runs" / run / "eval" / "fid.json").write_text(json.dumps({"fid": 1.0, "latents": latents}))
+    text = write_report(tmp_path, n_boot=20).read_text()
+    section = text.split("## kl sampler")[1].split("##")[0]
+    assert "| kl-random S | 1.1 | 1 | 1.1 |" in section and section.count("| yes |") == 1
+    assert "| kl-raster S | 480 | 1 | 480 |" in section and section.count("**no**") == 1

@@ -248,3 +248,40 @@ def test_every_job_command_line_parses_as_the_cli(tmp_path):
                 assert cfg.train.steps == job.cfg.train.steps and cfg.dist.strategy == job.cfg.dist.strategy
     assert {"data shapes", "tokenizer train", "eval train-features", "train", "eval fid", "eval geneval",
             "eval clipscore", "report"} <= parsed
+
+
+def test_extra_seeds_of_a_rung_are_runs_of_their_own(tmp_path):
+    """`seeds: n` in extra_runs trains seeds 0..n-1 of a rung: seed 0 is the grid's run, the others get their own
+    folders, train.seed + k, and the evaluations of every run."""
+    from harness.sweep import load_spec, plan
+
+    path = tmp_path / "s.yaml"
+    path.write_text(EMBEDDED_WITH_SEEDS)
+    spec = load_spec(path, out=tmp_path / "out")
+    jobs = {j.name: j for j in plan(spec)}
+    assert spec.extra_seeds("kl-random", "cpu-s") == [1, 2] and spec.extra_seeds("vq-random", "cpu-s") == []
+    for k in (1, 2):
+        train = jobs[f"train/kl-random-cpu-s-seed{k}"]
+        assert train.values["train.seed"] == 7 + k and train.values["out"].endswith(f"kl-random-cpu-s-seed{k}")
+        assert f"eval/geneval/kl-random-cpu-s-seed{k}" in jobs and f"eval/fid/kl-random-cpu-s-seed{k}" in jobs
+        assert f"eval/geneval/kl-random-cpu-s-seed{k}" in jobs["report"].deps
+    assert jobs["train/kl-random-cpu-s"].values["train.seed"] == 7
+    path.write_text(EMBEDDED_WITH_SEEDS.replace("seeds: 3", "seeds: 0"))
+    with pytest.raises(FluidbenchError, match=r"extra_runs\[0\].seeds"):
+        load_spec(path, out=tmp_path / "out")
+
+
+EMBEDDED_WITH_SEEDS = """
+name: seeds
+data: {kind: shapes, shapes: {seed: 0, train: 64, val: 16, size: 32}}
+tokenizers: {vq: {train: {steps: 3}}, kl: {train: {steps: 3}}}
+text: {encoder: minilm, max_length: 16}
+ladder: cpu
+variants: [vq-random, kl-random]
+sizes: [cpu-xs, cpu-s]
+extra_runs: [{variant: kl-random, size: cpu-s, seeds: 3}]
+run: {train: {steps: 4, batch_size: 8, seed: 7}}
+eval:
+  fid: {n: 16, extractor: shapes}
+  geneval: {per_prompt: 1, detector: shapes-oracle}
+"""
