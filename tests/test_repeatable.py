@@ -37,12 +37,15 @@ TIMINGS = {"seconds_per_image", "wall_s", "train_s", "train_cpu_s", "steps_per_s
            "seconds", "sampling_seconds"}
 
 
-def _strip(value):
-    """A JSON value without its timing fields (at any depth)."""
+def _strip(value, roots: tuple[str, ...]):
+    """A JSON value without its timing fields (at any depth), the sweep's folder written as ROOT in paths."""
     if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in TIMINGS and not k.endswith("_s")}
+        return {k: _strip(v, roots) for k, v in value.items() if k not in TIMINGS and not k.endswith("_s")}
     if isinstance(value, list):
-        return [_strip(v) for v in value]
+        return [_strip(v, roots) for v in value]
+    if isinstance(value, str):
+        for root in roots:
+            value = value.replace(root, "ROOT")
     return value
 
 
@@ -51,13 +54,15 @@ def _results(root) -> dict:
     evaluation results, tokenizer metrics and checksums, and the sample grids' bytes."""
     import pandas as pd
 
+    roots = (str(root.resolve()), str(root))
     table = pd.read_csv(root / "runs.csv")
     out = {"runs.csv": table.drop(columns=[c for c in table.columns if c in TIMINGS]).to_dict("list")}
     for path in sorted(root.glob("runs/*/summary.json")) + sorted(root.glob("runs/*/eval/*.json")) \
             + sorted(root.glob("tokenizers/*/*.json")):
-        out[str(path.relative_to(root))] = _strip(json.loads(path.read_text()))
+        out[str(path.relative_to(root))] = _strip(json.loads(path.read_text()), roots)
     for path in sorted(root.glob("runs/*/metrics.jsonl")):
-        out[str(path.relative_to(root))] = [_strip(json.loads(line)) for line in path.read_text().splitlines()]
+        out[str(path.relative_to(root))] = [_strip(json.loads(line), roots)
+                                            for line in path.read_text().splitlines()]
     for path in sorted(root.glob("runs/*/eval/samples.png")):
         out[str(path.relative_to(root))] = path.read_bytes()
     return out
@@ -85,6 +90,7 @@ def test_two_sweeps_from_clean_results_measure_the_same(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "a" / "tokenizers" / "vq" / "metrics.json").read_text())["steps"] == 4
     # kl runs record their sampled latents' moments beside the data's (the sampler in distribution or not)
     latents = a["runs/kl-raster-cpu-xs/eval/fid.json"]["latents"]
-    assert latents["data"]["std"] > 0 and latents["sampled"]["values"] == 16 * 64 * 4
+    token_dim = a["tokenizers/kl/metrics.json"]["token_dim"]
+    assert latents["data"]["std"] > 0 and latents["sampled"]["values"] == 16 * 64 * token_dim  # FID's 16 samples
     assert latents["std_ratio"] == latents["sampled"]["std"] / latents["data"]["std"]
     assert "latents" not in a["runs/vq-random-cpu-xs/eval/fid.json"]
