@@ -68,18 +68,29 @@ def collect_runs(sweep_dir: str | Path) -> pd.DataFrame:
     return table.sort_values(["variant", "params", "size", "seed"], ignore_index=True)
 
 
+# measured on the clock, so never equal between two sweeps: kept out of runs.csv (which two sweeps from clean
+# results reproduce byte for byte) in timings.csv beside it; read_table joins them back
+TIMING_COLUMNS = ("seconds_per_image",)
+
+
 def write_table(table: pd.DataFrame, sweep_dir: str | Path, columns: list[str] | None = None) -> None:
-    """runs.csv and runs.parquet, both atomic; `columns` drops metrics the sweep does not measure."""
+    """runs.csv and runs.parquet (what the runs measured), timings.csv (wall-clock columns), all atomic;
+    `columns` drops metrics the sweep does not measure."""
     sweep_dir = Path(sweep_dir)
     table = table[[c for c in COLUMNS if c in table.columns and (columns is None or c in columns)]]
+    timings = [c for c in TIMING_COLUMNS if c in table.columns]
+    measured = table.drop(columns=timings)
     with atomic_path(sweep_dir / "runs.csv") as tmp:
-        table.to_csv(tmp, index=False)
+        measured.to_csv(tmp, index=False)
     with atomic_path(sweep_dir / "runs.parquet") as tmp:
-        table.to_parquet(tmp, index=False)
+        measured.to_parquet(tmp, index=False)
+    with atomic_path(sweep_dir / "timings.csv") as tmp:
+        table[["run", *timings]].to_csv(tmp, index=False)
 
 
 def read_table(sweep_dir: str | Path) -> pd.DataFrame:
-    """runs.csv of a sweep folder, with every known column present (NaN where absent)."""
+    """runs.csv of a sweep folder joined with its timings.csv, with every known column present (NaN where
+    absent)."""
     path = Path(sweep_dir) / "runs.csv"
     if not path.is_file():
         raise FluidbenchError(f"{path}: results table not found (run the sweep, or `fluidbench report` on a "
@@ -88,6 +99,12 @@ def read_table(sweep_dir: str | Path) -> pd.DataFrame:
     for column in ("variant", "size", "params"):
         if column not in table.columns:
             raise FluidbenchError(f"{path}: missing column '{column}'")
+    timings = path.with_name("timings.csv")
+    if timings.is_file() and "run" in table.columns:
+        extra = pd.read_csv(timings)
+        extra = extra[[c for c in extra.columns if c == "run" or c not in table.columns]]
+        if "run" in extra.columns and len(extra.columns) > 1:
+            table = table.merge(extra, on="run", how="left")
     for column in COLUMNS:
         if column not in table.columns:
             table[column] = np.nan

@@ -56,7 +56,8 @@ def _results(root) -> dict:
 
     roots = (str(root.resolve()), str(root))
     table = pd.read_csv(root / "runs.csv")
-    out = {"runs.csv": table.drop(columns=[c for c in table.columns if c in TIMINGS]).to_dict("list")}
+    out = {"runs.csv": table.drop(columns=[c for c in table.columns if c in TIMINGS]).to_dict("list"),
+           "runs.csv bytes": (root / "runs.csv").read_bytes()}  # the file itself: its timings live in timings.csv
     for path in sorted(root.glob("runs/*/summary.json")) + sorted(root.glob("runs/*/eval/*.json")) \
             + sorted(root.glob("tokenizers/*/*.json")):
         out[str(path.relative_to(root))] = _strip(json.loads(path.read_text()), roots)

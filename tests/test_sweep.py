@@ -16,6 +16,7 @@ import pytest
 
 from harness.errors import FluidbenchError
 from harness.jobs import Job
+from harness.results import read_table
 from harness.sweep import is_done, load_spec, plan, stamp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,10 +195,13 @@ def test_micro_sweep_end_to_end_then_resume_then_no_work(tmp_path, monkeypatch):
     status = run_local(spec, workers=1)  # in this process
     assert set(status.values()) == {"done"}, status
     root = spec.root
-    table = pd.read_csv(root / "runs.csv")
-    assert len(table) == 4 and not table.isna().any().any()  # every column measured, no CLIP-score column
-    assert "clip_score" not in table.columns
-    assert {"val_loss", "fid", "geneval_overall", "geneval_counting", "seconds_per_image"} <= set(table.columns)
+    table = read_table(root)  # runs.csv joined with timings.csv
+    assert len(table.dropna(axis=1, how="all")) == 4
+    measured = pd.read_csv(root / "runs.csv")
+    assert not measured.isna().any().any()  # every column measured, no CLIP-score column
+    assert "clip_score" not in measured.columns and "seconds_per_image" not in measured.columns  # timings.csv
+    assert {"val_loss", "fid", "geneval_overall", "geneval_counting"} <= set(measured.columns)
+    assert (table["seconds_per_image"] > 0).all()
     assert (root / "report.md").is_file() and (root / "loss_vs_params.png").is_file()
     assert json.loads((root / "tokenizers" / "kl" / "ceiling.json").read_text())["true_scenes_overall"] == 1.0
     for run in table["run"]:
@@ -224,7 +228,7 @@ def test_micro_sweep_end_to_end_then_resume_then_no_work(tmp_path, monkeypatch):
     assert all((prompt / "samples" / "0.png").is_file() for prompt in gone)
     assert {p: p.read_bytes() for p in sorted(folder.glob("*/samples/*.png"))} == pngs
     assert {p: p.stat().st_mtime_ns for p in root.glob("runs/*/summary.json")} == mtimes
-    pd.testing.assert_frame_equal(pd.read_csv(root / "runs.csv"), table)
+    pd.testing.assert_frame_equal(read_table(root), table)
 
     n = len(_events(spec))
     before = (root / "runs.csv").stat().st_mtime_ns
