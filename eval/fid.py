@@ -23,3 +23,4 @@ from eval.fid_stats import (  # noqa: F401
 from eval.fid_reference import (  # noqa: F401
     STATS_VERSION, ReferenceProtocol, reference_protocol, _source, reference_key, reference_path, ReferenceStats,
     load_reference_stats, compute_reference_stats, fid_from_images, default_cache_dir)
+from harness.hashing import sha256_file  # noqa: F401 - its home; importable from here as before
