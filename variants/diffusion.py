@@ -59,21 +59,32 @@ class GaussianDiffusion:
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         return (net(x_t, t) - noise).float().pow(2).mean(dim=-1)
 
-    def timesteps(self, steps: int) -> list[int]:
-        """The original timestep indices a `steps`-step sampler visits, increasing (it walks them backwards)."""
-        return respaced_timesteps(self.train_steps, steps)
+    def timesteps(self, steps: int, solver: str = "ddpm") -> list[int]:
+        """The original timestep indices a `steps`-step sampler visits, increasing (it walks them backwards).
+
+        ddpm: IDDPM's respacing (MAR), from 0 to S - 1. ddim, dpm++: diffusers' DPMSolverMultistepScheduler
+        "linspace" spacing, linspace(0, S - 1, steps + 1) rounded without its 0, then a last step to the data
+        (sigma = 0). Not IDDPM's list for these: its final step from t = 0 to sigma = 0 spends an evaluation
+        on nothing, and the second-order step before it, into t = 0 (lambda ~5), overshoots (data std 1.29x
+        at 10 steps on exact Gaussian eps, tests/test_head_solvers.py; 0.95x with this spacing)."""
+        if solver == "ddpm":
+            return respaced_timesteps(self.train_steps, steps)
+        if not 1 <= steps <= self.train_steps:
+            raise ValueError(f"head_steps must be in [1, {self.train_steps}], got {steps}")
+        S = self.train_steps
+        return sorted({round((S - 1) * i / steps) for i in range(1, steps + 1)})
 
     def solver(self, kind: str, steps: int, *, temperature: float = 1.0, x0_clip: float | None = None,
                generator: torch.Generator | None = None) -> "Solver":
         """A stateful `step(k, x, eps) -> x` for step index k = K-1 .. 0 of `timesteps(steps)` (see `Solver`)."""
         if kind not in SOLVERS:
             raise ValueError(f"head_solver must be one of {', '.join(SOLVERS)}, got {kind!r}")
-        return Solver(kind, self.alphas_cumprod, self.timesteps(steps), temperature, x0_clip, generator)
+        return Solver(kind, self.alphas_cumprod, self.timesteps(steps, kind), temperature, x0_clip, generator)
 
     def sample(self, net: StepDenoiser, noise: torch.Tensor, steps: int, temperature: float,
                generator: torch.Generator | None, x0_clip: float | None = None, solver: str = "ddpm") -> torch.Tensor:
-        """Denoise `noise` (N, C) in `steps` steps of `solver` over the respaced timesteps; `net(x, k)` is eps
-        at step index k (the caller embeds `timesteps(steps)[k]`, once per call rather than once per step).
+        """Denoise `noise` (N, C) in `steps` steps of `solver`; `net(x, k)` is eps at step index k (the caller
+        embeds `timesteps(steps, solver)[k]`, once per call rather than once per step).
 
         `solver`: "ddpm" (MAR's ancestral sampler: fresh noise each step, scaled by `temperature`), "ddim"
         (eta = 0) or "dpm++" (DPM-Solver++ 2M); the last two are deterministic ODE solvers whose only noise is
@@ -102,7 +113,7 @@ class Solver:
     Coefficients are Python floats computed in float64 once per call (no per-step table lookups on the device).
     ddpm   IDDPM's p_sample on the respaced posterior (fixed small variance, clipped at the first step).
     ddim   diffusers' DDIMScheduler.step with eta = 0, `clip_sample` = x0_clip and the final alpha_bar set to one;
-           the previous timestep is the next one of the list (diffusers subtracts 1000 // K, the same for
+           the previous timestep is the next one of the list (diffusers subtracts 1000 // K, the same for its
            "leading"/"trailing" spacing when K divides 1000).
     dpm++  diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
            solver_type="midpoint", final_sigmas_type="zero"): first order at the first and last steps, the

@@ -212,7 +212,7 @@ class DiffusionHead(nn.Module):
         steps = steps or 100
         c = self.net.cond_embed(z)  # once per call, not per denoising step
         n = z.shape[0] // 2 if cfg_scale is not None else z.shape[0]
-        timesteps = torch.tensor(self.diffusion.timesteps(steps), device=z.device)
+        timesteps = torch.tensor(self.diffusion.timesteps(steps, solver), device=z.device)
         t_emb = self.net.time_embed(timesteps)  # (K, w): every step's embedding in one call
         modulation = self.net.fused_modulation()
 
