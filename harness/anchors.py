@@ -135,8 +135,7 @@ def _ours(name: str) -> tuple[Callable, Callable, int]:
     v = build_ours(name)
     g = torch.Generator().manual_seed(0)
     text, mask = torch.randn(B, a["text_len"], a["text_dim"], generator=g), torch.ones(B, a["text_len"], dtype=torch.bool)
-    tokens = (torch.randn(B, a["seq_len"], a["token_dim"], generator=g) if v.token_kind == "kl"
-              else torch.randint(0, a["vocab_size"], (B, a["seq_len"]), generator=g))
+    tokens = v.random_tokens(B, g, torch.device("cpu"))
     train = _train_step(v, lambda: v(tokens, text, mask, g))
 
     def sample() -> None:

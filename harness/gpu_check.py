@@ -67,11 +67,8 @@ def _build(name: str, size: str, cfg: CheckConfig, device: torch.device) -> torc
 
 def _batch(variant: torch.nn.Module, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     g = torch.Generator(device).manual_seed(0)
-    L, T = variant.seq_len, variant.text_len
-    if variant.token_kind == "vq":
-        tokens = torch.randint(0, variant.vocab_size, (batch, L), generator=g, device=device)
-    else:
-        tokens = torch.randn(batch, L, variant.token_dim, generator=g, device=device)
+    T = variant.text_len
+    tokens = variant.random_tokens(batch, g, device)
     text = torch.randn(batch, T, variant.text_dim, generator=g, device=device)
     mask = torch.arange(T, device=device)[None] < torch.randint(T // 4 + 1, T + 1, (batch, 1), generator=g,
                                                                  device=device)

@@ -167,6 +167,12 @@ class Variant(nn.Module):
                                           "head_solver": head_solver}
         return tokens
 
+    def random_tokens(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Random tokens in the tokenizer's layout: uniform codes or standard-normal latents (benchmarks)."""
+        if self.token_kind == "vq":
+            return rng.integers(self.vocab_size, (batch, self.seq_len), generator, device)
+        return rng.normal((batch, self.seq_len, self.token_dim), generator, device)
+
     def empty_tokens(self, batch: int, device: torch.device) -> torch.Tensor:
         """A zero token buffer in the tokenizer's layout (code 0 / zero latent)."""
         if self.token_kind == "vq":
