@@ -4,7 +4,7 @@ On CUDA, in order (each phase is skipped, with its reason, once the time budget 
   train     bf16-autocast training steps of kl-random at the largest paper rung that fits (1.1B first, then
             665M, 369M, 166M), 256 tokens, T5-XXL-shaped text: eager, then with torch.compile per block (as
             `harness.distributed.parallelize` compiles); step time, images/s, TFLOP/s and MFU against the
-            device's dense bf16 peak (harness.bench.PEAK_BF16_TFLOPS), peak memory
+            device's dense bf16 peak (harness.bench_probes.PEAK_BF16_TFLOPS), peak memory
   fsdp2     one FSDP2 training step (fully_shard per block, then the root) at world size 1, and at 2 processes
             when the machine has 2 GPUs (NCCL refuses two ranks on one device)
   decode    raster sampling with the KV cache at 256 tokens (vq-raster, guided): tokens/s and ms per token
@@ -114,7 +114,7 @@ def _train_steps(model: torch.nn.Module, variant: torch.nn.Module, cfg: CheckCon
 
 
 def _throughput(row: dict, variant: torch.nn.Module, device: torch.device) -> dict:
-    from harness.bench import peak_tflops
+    from harness.bench_probes import peak_tflops
     flops = float(variant.train_flops_per_image()) * row["images_per_s"]
     peak = peak_tflops(device, None)
     return row | dict(tflops=flops / 1e12, peak_tflops=peak, mfu=flops / 1e12 / peak if peak else None)
@@ -226,7 +226,7 @@ def check_decode(cfg: CheckConfig, size: str, device: torch.device) -> dict:
 
 def run_check(cfg: CheckConfig, device: torch.device) -> dict:
     """Every phase in order within `budget_s`; a phase that would start after the budget is skipped."""
-    from harness.bench import machine_info
+    from harness.bench_probes import machine_info
     t_start = time.perf_counter()
     report: dict[str, Any] = dict(config=asdict(cfg), machine=machine_info(device), phases={})
 
