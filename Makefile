@@ -8,7 +8,7 @@ SWEEP    ?= embedded
 EXECUTOR ?= local
 ARGS     ?=
 
-.PHONY: sweep test bench report install clean-results
+.PHONY: sweep test bench gpu-check report install clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/fluidbench bench $(ARGS)
+
+# On a CUDA machine, <= 5 minutes: bf16 training (eager, compiled) at the largest paper rung that fits, FSDP2,
+# KV-cache decode, MFU (docs/benchmarks.md). On a CPU: ARGS=--smoke (the test suite runs that).
+gpu-check: $(STAMP)
+	$(PY) -m harness.gpu_check $(ARGS)
 
 report: $(STAMP)
 	$(VENV)/bin/fluidbench report results/$(SWEEP)

@@ -26,13 +26,15 @@ class SamplingSettings:
     head_steps: int | None = flag(None, "--head-steps", help="Diffusion-head sampling steps (default 100).")
     x0_clip: float | None = flag(None, "--x0-clip", min=0.0, help="Clamp the diffusion head's predicted x0 to +-X "
                                  "each step (default: the variant's; none = MAR's unclipped sampler).")
+    head_solver: str | None = flag(None, "--head-solver", help="Diffusion-head sampler: ddpm, ddim or dpm++ "
+                                   "(default: the variant's, ddpm).")
     batch_size: int = flag(64, "--batch-size", help="Captions sampled per batch.", min=1)
     seed: int = flag(0, "--seed", help="Sampling seed.")
 
     def resolved(self, variant: Any) -> dict:
         """The settings actually used, with the variant's defaults filled in (recorded with every result)."""
         out = asdict(self)
-        for key in ("cfg_scale", "temperature", "steps", "head_steps", "x0_clip"):
+        for key in ("cfg_scale", "temperature", "steps", "head_steps", "x0_clip", "head_solver"):
             if out[key] is None:
                 out[key] = variant.defaults.get(key)
         return out

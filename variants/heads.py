@@ -2,7 +2,7 @@
 
 Both follow MAR's `DiffLoss` seam, two methods and nothing else the orders need:
     loss(z (N, W), target, weight (N,) | None, generator, validation) -> scalar   # weighted mean over rows
-    sample(z, *, temperature, cfg_scale, generator, steps, x0_clip) -> tokens  # (N,) codes or (N, C) latents
+    sample(z, *, temperature, cfg_scale, generator, steps, x0_clip, solver) -> tokens  # (N,) codes or (N, C) latents
 With guidance (`cfg_scale` not None), z holds [conditional rows; null-text rows] (2N, W) and N tokens come
 back. `token_kind` says which tokenizer layout the head speaks. `validation` asks for the validation protocol's
 low-variance draws where the head has any (the diffusion head's timesteps).
@@ -10,6 +10,7 @@ low-variance draws where the head has any (the diffusion head's timesteps).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +54,9 @@ class CategoricalHead(nn.Module):
 
     def sample(self, z: torch.Tensor, *, temperature: float, cfg_scale: float | None = None,
                generator: torch.Generator | None = None, steps: int | None = None,
-               x0_clip: float | None = None) -> torch.Tensor:
+               x0_clip: float | None = None, solver: str = "ddpm") -> torch.Tensor:
         """Codes (N,): guidance on logits l_u + w (l_c - l_u), then temperature, top-k, Gumbel-max draw.
-        `steps` and `x0_clip` are diffusion settings, ignored here so one setting serves every variant."""
+        `steps`, `x0_clip` and `solver` are diffusion settings, ignored here so one setting serves every variant."""
         logits = self.proj(z).float()
         if cfg_scale is not None:
             cond, uncond = logits.chunk(2)
@@ -78,11 +79,22 @@ class TimestepEmbedder(nn.Module):
         self.frequencies = frequencies
         self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, table_size: int | None = None) -> torch.Tensor:
+        """Embeddings (N, w) of timesteps t (N,). With `table_size` S < N the MLP runs on the S possible
+        timesteps and rows are looked up (training: mN rows draw from only S = 1000 timesteps)."""
+        if table_size is not None and table_size < t.shape[0]:
+            return F.embedding(t, self(torch.arange(table_size, device=t.device)))
         half = self.frequencies // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = t.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+def _modulation(y: torch.Tensor, linear: nn.Linear, one: torch.Tensor) -> list[torch.Tensor]:
+    """adaLN parameters from y = SiLU(t-embedding + c): `linear` then split into width-sized pieces; `one`
+    (1 at the scale pieces, 0 elsewhere) is added to the bias, so the scale comes out as 1 + scale."""
+    width = linear.in_features
+    return list(F.linear(y, linear.weight, linear.bias + one.to(linear.bias.dtype)).split(width, dim=-1))
 
 
 class AdaLNBlock(nn.Module):
@@ -92,11 +104,17 @@ class AdaLNBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))  # the SiLU runs once for all blocks
+        # not saved: a constant (shift, scale, gate) -> (0, 1, 0) offset
+        self.register_buffer("ada_one", torch.zeros(3 * width).index_fill_(0, torch.arange(width, 2 * width), 1.0),
+                             persistent=False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mod: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x (N, w); y = SiLU(t-embedding + c) (N, w), already activated (once for every block, not per block);
+        `mod`: this block's (shift, 1 + scale, gate) when the caller computed them (the fused sampling path).
+        The adaLN projection runs here otherwise, inside forward, where FSDP2 unshards this block's weights."""
+        shift, scale, gate = _modulation(y, self.ada[1], self.ada_one) if mod is None else mod
+        return torch.addcmul(x, gate, self.mlp(torch.addcmul(shift, self.norm(x), scale)))
 
 
 class AdaLNMLP(nn.Module):
@@ -111,6 +129,7 @@ class AdaLNMLP(nn.Module):
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
+        self.register_buffer("final_one", torch.cat([torch.zeros(width), torch.ones(width)]), persistent=False)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -122,18 +141,31 @@ class AdaLNMLP(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x (N, C), t_emb (N or 1, w), c = cond_embed(z) (N, w) -> eps (N, C)."""
-        y = t_emb + c
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, c: torch.Tensor,
+                mod: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x (N, C), t_emb (N or 1, w), c = cond_embed(z) (N, w) -> eps (N, C). `mod`: every adaLN parameter
+        from `fused_modulation` (sampling), else each block computes its own."""
+        y = None if mod is not None else F.silu(t_emb + c)  # SiLU once: every adaLN projection starts with it
         h = self.input_proj(x)
-        for block in self.blocks:
-            h = block(h, y)
-        shift, scale = self.final_ada(y).chunk(2, dim=-1)
-        return self.out(self.final_norm(h) * (1 + scale) + shift)
+        for i, block in enumerate(self.blocks):
+            h = block(h, y, None if mod is None else mod[3 * i: 3 * i + 3])
+        shift, scale = _modulation(y, self.final_ada[1], self.final_one) if mod is None else mod[-2:]
+        return self.out(torch.addcmul(shift, self.final_norm(h), scale))
+
+    def fused_modulation(self) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        """y = t-embedding + c -> every block's (shift, 1 + scale, gate) and the final (shift, 1 + scale) in one
+        matmul over all blocks' adaLN weights, concatenated once (sampling: one call per denoising step instead
+        of blocks + 1; outside any block's forward, so not for FSDP2-sharded training)."""
+        linears = [b.ada[1] for b in self.blocks] + [self.final_ada[1]]
+        weight = torch.cat([m.weight for m in linears])  # ((3 blocks + 2) w, w)
+        bias = torch.cat([m.bias for m in linears]) + torch.cat([b.ada_one for b in self.blocks] + [self.final_one])
+        width = self.out.in_features
+        return lambda y: list(F.linear(F.silu(y), weight, bias).split(width, dim=-1))
 
 
 class DiffusionHead(nn.Module):
-    """MAR's Diffusion Loss: a per-token denoiser conditioned on z, trained with eps-MSE, sampled by DDPM."""
+    """MAR's Diffusion Loss: a per-token denoiser conditioned on z, trained with eps-MSE, sampled by DDPM
+    (or a fast solver: DDIM, DPM-Solver++)."""
 
     token_kind = "kl"
     decay_weights = False  # MAR: no weight decay anywhere in the diffusion head
@@ -160,31 +192,36 @@ class DiffusionHead(nn.Module):
         `validation`: stratified timesteps instead of independent ones: the mN rows take one timestep from each
         of mN equal strata of [0, S) (a random row gets each stratum), so every batch covers the schedule evenly
         and the mean over t has little sampling noise left; noise is still drawn from `generator`."""
-        m, n = self.batch_mul, z.shape[0]
-        c = self.net.cond_embed(z.repeat(m, 1))  # (mN, w)
+        m, n, steps = self.batch_mul, z.shape[0], self.diffusion.train_steps
+        c = self.net.cond_embed(z).repeat(m, 1)  # (mN, w): projected before repeating, the same rows m times
         t = None
         if validation:
             strata = rng.permutations(1, m * n, generator, z.device)[0]  # (mN,): stratum of each row
             u = rng.uniform((m * n,), generator, z.device)
-            t = ((strata + u) * (self.diffusion.train_steps / (m * n))).long()  # (mN,) in [0, S)
-        per_row = self.diffusion.training_loss(lambda x_t, t: self.net(x_t, self.net.time_embed(t), c),
+            t = ((strata + u) * (steps / (m * n))).long()  # (mN,) in [0, S)
+        per_row = self.diffusion.training_loss(lambda x_t, t: self.net(x_t, self.net.time_embed(t, steps), c),
                                                target.repeat(m, 1), generator, t=t)
         return _weighted_mean(per_row, None if weight is None else weight.repeat(m))
 
     def sample(self, z: torch.Tensor, *, temperature: float, cfg_scale: float | None = None,
                generator: torch.Generator | None = None, steps: int | None = 100,
-               x0_clip: float | None = None) -> torch.Tensor:
+               x0_clip: float | None = None, solver: str = "ddpm") -> torch.Tensor:
         """Latents (N, C) for every row of z at once; guidance on eps with the same noise for both halves;
-        `x0_clip` bounds the predicted x0 at every step (None: MAR's unclipped sampler)."""
+        `x0_clip` bounds the predicted x0 at every step (None: MAR's unclipped sampler); `solver`: ddpm (MAR),
+        ddim or dpm++ (variants/diffusion.py)."""
+        steps = steps or 100
         c = self.net.cond_embed(z)  # once per call, not per denoising step
         n = z.shape[0] // 2 if cfg_scale is not None else z.shape[0]
+        timesteps = torch.tensor(self.diffusion.timesteps(steps, solver), device=z.device)
+        t_emb = self.net.time_embed(timesteps)  # (K, w): every step's embedding in one call
+        modulation = self.net.fused_modulation()
 
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            t_emb = self.net.time_embed(t[:1])  # every row shares the timestep: embed it once
+        def denoise(x: torch.Tensor, k: int) -> torch.Tensor:
+            mod = modulation(t_emb[k] + c)  # every row shares the timestep
             if cfg_scale is None:
-                return self.net(x, t_emb, c)
-            cond, uncond = self.net(torch.cat([x, x]), t_emb, c).chunk(2)
+                return self.net(x, None, None, mod)
+            cond, uncond = self.net(torch.cat([x, x]), None, None, mod).chunk(2)
             return uncond + cfg_scale * (cond - uncond)
 
         noise = rng.normal((n, self.token_dim), generator, z.device)
-        return self.diffusion.sample(denoise, noise, steps or 100, temperature, generator, x0_clip=x0_clip)
+        return self.diffusion.sample(denoise, noise, steps, temperature, generator, x0_clip=x0_clip, solver=solver)

@@ -78,7 +78,8 @@ class RasterOrder(nn.Module):
 
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,
-               kv_cache: bool = True, x0_clip: float | None = None) -> tuple[torch.Tensor, dict]:
+               kv_cache: bool = True, x0_clip: float | None = None,
+               head_solver: str = "ddpm") -> tuple[torch.Tensor, dict]:
         """Tokens (B, L[, C]) one position at a time; constant guidance. `kv_cache=False` recomputes the
         whole prefix every step (the reference for the cache and the benchmark's baseline)."""
         backbone, L = variant.backbone, self.seq_len
@@ -96,7 +97,8 @@ class RasterOrder(nn.Module):
             else:
                 z = backbone(inputs[:, : t + 1], ctx, text_mask, causal=True)[:, -1]
             token = variant.head.sample(z, temperature=temperature, cfg_scale=cfg_scale, generator=generator,
-                                        steps=head_steps, x0_clip=x0_clip)  # (B,) or (B, C)
+                                        steps=head_steps, x0_clip=x0_clip,
+                                        solver=head_solver)  # (B,) or (B, C)
             out.append(token)
             if t + 1 < L:
                 e = variant.embed(token)  # (B, W)
@@ -182,7 +184,8 @@ class RandomOrder(nn.Module):
 
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,
-               kv_cache: bool = True, x0_clip: float | None = None) -> tuple[torch.Tensor, dict]:
+               kv_cache: bool = True, x0_clip: float | None = None,
+               head_solver: str = "ddpm") -> tuple[torch.Tensor, dict]:
         """Tokens (B, L[, C]) in `steps` full passes; guidance ramps w_k = 1 + (w - 1) * revealed / L with
         `revealed` counted after the step (MAR). `kv_cache` is ignored: bidirectional attention has none."""
         backbone, L, head = variant.backbone, self.seq_len, variant.head
@@ -194,16 +197,17 @@ class RandomOrder(nn.Module):
         known = torch.zeros(B, L, dtype=torch.bool, device=device)
         reveals = torch.zeros(B, L, dtype=torch.int64, device=device)  # times each position was written
         counts = reveal_schedule(L, steps)
+        text_kv = backbone.text_kv(ctx)  # every pass sees the same text: its K/V once, not once per pass
         revealed = 0
         for n in counts:
             x = torch.where(known[..., None], variant.embed(tokens), self.mask_token.to(ctx.dtype))  # (B, L, W)
-            z = backbone(torch.cat([x, x]) if guided else x, ctx, text_mask, causal=False)  # (rows, L, W)
             idx = order[:, revealed: revealed + n]  # (B, n): positions revealed now
             rows_idx = torch.cat([idx, idx]) if guided else idx
-            z_new = z.gather(1, rows_idx[..., None].expand(-1, -1, z.shape[-1]))  # (rows, n, W)
+            z_new = backbone(torch.cat([x, x]) if guided else x, ctx, text_mask, causal=False, text_kv=text_kv,
+                             positions=rows_idx)  # (rows, n, W): the outputs at the revealed positions only
             w = 1 + (cfg_scale - 1) * (revealed + n) / L if guided else None
             new = head.sample(z_new.flatten(0, 1), temperature=temperature, cfg_scale=w, generator=generator,
-                              steps=head_steps, x0_clip=x0_clip)  # (B * n[, C]): every token of this step at once
+                              steps=head_steps, x0_clip=x0_clip, solver=head_solver)  # (B * n[, C]): all of this step
             new = new.view(B, n, *tokens.shape[2:])
             scatter_idx = idx.view(B, n, *([1] * (tokens.dim() - 2))).expand_as(new)
             tokens = tokens.scatter(1, scatter_idx, new.to(tokens.dtype))

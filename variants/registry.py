@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from variants.backbone import Backbone
+from variants.diffusion import SOLVERS
 from variants.heads import CategoricalHead, DiffusionHead
 from variants.orders import RandomOrder, RasterOrder
 from variants.variant import Variant
@@ -80,6 +81,7 @@ OPTIONS = {
     "steps": 64,                  # random-order reveal steps (capped at seq_len); raster always takes seq_len
     "head_steps": 100,            # diffusion head sampling steps
     "x0_clip": None,              # diffusion head: clamp predicted x0 to +-x0_clip each step (None: MAR, unclipped)
+    "head_solver": "ddpm",        # diffusion head sampler: ddpm (MAR), ddim or dpm++ (variants/diffusion.py)
 }
 
 
@@ -105,6 +107,8 @@ def build_variant(name: str, size: str, *, seq_len: int, vocab_size: int, token_
     if unknown:
         raise ValueError(f"unknown variant option {unknown[0]!r}: choose from {', '.join(OPTIONS)}")
     o = OPTIONS | options
+    if o["head_solver"] not in SOLVERS:
+        raise ValueError(f"head_solver must be one of {', '.join(SOLVERS)}, got {o['head_solver']!r}")
     rung = replace(find_rung(size, ladder), **{k: o[k] for k in RUNG_FIELDS if o[k] is not None})
     order_cls, head_cls = VARIANTS[name]
     W = rung.width
@@ -126,7 +130,8 @@ def build_variant(name: str, size: str, *, seq_len: int, vocab_size: int, token_
     defaults = {"cfg_scale": cfg if o["cfg_scale"] is None else o["cfg_scale"],
                 "temperature": temperature if o["temperature"] is None else o["temperature"],
                 "steps": order.default_steps(), "head_steps": head_steps,
-                "x0_clip": o["x0_clip"] if head_cls is DiffusionHead else None}
+                "x0_clip": o["x0_clip"] if head_cls is DiffusionHead else None,
+                "head_solver": o["head_solver"] if head_cls is DiffusionHead else None}
     config = {"name": name, "size": size, "ladder": ladder, "seq_len": seq_len, "vocab_size": vocab_size,
               "token_dim": token_dim, "text_dim": text_dim, **options}
     text_len = o["text_len"] or LADDER_SHAPES[ladder]["text_len"]

@@ -10,7 +10,22 @@ from torch import nn
 
 from variants import rng
 from variants.backbone import AlignerBlock, Backbone, Block
+from variants.diffusion import SOLVERS
 from variants.heads import AdaLNBlock
+
+
+def trim_text(text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Text and mask without the trailing positions that are padding in every row, and whether any padding is
+    left (False: every kept position of every row with a real token is real, so attention needs no mask).
+    Attention gives padded keys zero weight, so this changes nothing but the cost (one host sync)."""
+    T = text_mask.shape[1]
+    real = text_mask.any(dim=0)  # (T,)
+    last = torch.where(real, torch.arange(1, T + 1, device=text_mask.device), 0).max().clamp_min(1)
+    # rows without a real token become the null text (all positions real) in encode_text
+    row_full = text_mask | ~text_mask.any(dim=1, keepdim=True)  # (B, T)
+    keep_idx = torch.arange(T, device=text_mask.device) < last
+    keep, full = torch.stack([last, (row_full | ~keep_idx).all().long()]).tolist()
+    return text[:, :keep], text_mask[:, :keep], not full
 
 
 def _linear_weights(*modules: nn.Module) -> int:
@@ -115,14 +130,15 @@ class Variant(nn.Module):
     def sample(self, text: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None = None,
                temperature: float | None = None, steps: int | None = None, head_steps: int | None = None,
                generator: torch.Generator | None = None, kv_cache: bool = True,
-               x0_clip: float | None = None) -> torch.Tensor:
+               x0_clip: float | None = None, head_solver: str | None = None) -> torch.Tensor:
         """Tokens for each caption, in the tokenizer's layout: (B, L) int64 codes or (B, L, C) latents.
 
         None = the variant's paper default (`self.defaults`). cfg_scale 1.0 runs no null branch; any other
         value doubles the batch (cond + null text) in every backbone pass. `steps`: reveal steps of random
         order (raster order ignores it: always L steps, as the stats say). `head_steps`: diffusion head steps (ignored by codes).
         `x0_clip`: bound on the diffusion head's predicted x0 at every step (None: the variant's default,
-        itself None = MAR's unclipped sampler; ignored by codes).
+        itself None = MAR's unclipped sampler; ignored by codes). `head_solver`: the diffusion head's sampler,
+        ddpm (MAR), ddim or dpm++ (None: the variant's default; ignored by codes).
         `kv_cache=False`: raster order recomputes the whole prefix each step (reference / benchmark).
         Statistics of the run land in `self.last_sample_stats`.
         """
@@ -135,16 +151,27 @@ class Variant(nn.Module):
         x0_clip = d.get("x0_clip") if x0_clip is None else float(x0_clip)
         if x0_clip is not None and not x0_clip > 0:
             raise ValueError(f"{self.name}: x0_clip must be > 0 (or None for no clipping), got {x0_clip}")
+        head_solver = d.get("head_solver") if head_solver is None else head_solver
+        if self.token_kind == "kl" and head_solver not in SOLVERS:
+            raise ValueError(f"{self.name}: head_solver must be one of {', '.join(SOLVERS)}, got {head_solver!r}")
         guided = cfg != 1.0
-        text = text.to(self.backbone.text_proj.weight.dtype)
+        text, text_mask, padded = trim_text(text.to(self.backbone.text_proj.weight.dtype), text_mask)
         encode = self.backbone.guided_text if guided else self.backbone.encode_text
         ctx, mask = encode(text, text_mask)
-        tokens, stats = self.order.sample(self, ctx, mask, cfg_scale=cfg if guided else None,
+        tokens, stats = self.order.sample(self, ctx, mask if padded else None, cfg_scale=cfg if guided else None,
                                           temperature=temperature, steps=steps, head_steps=head_steps,
-                                          generator=generator, kv_cache=kv_cache, x0_clip=x0_clip)
+                                          generator=generator, kv_cache=kv_cache, x0_clip=x0_clip,
+                                          head_solver=head_solver or "ddpm")
         self.last_sample_stats = stats | {"steps": steps, "head_steps": head_steps, "cfg_scale": cfg,
-                                          "temperature": temperature, "x0_clip": x0_clip}
+                                          "temperature": temperature, "x0_clip": x0_clip,
+                                          "head_solver": head_solver}
         return tokens
+
+    def random_tokens(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Random tokens in the tokenizer's layout: uniform codes or standard-normal latents (benchmarks)."""
+        if self.token_kind == "vq":
+            return rng.integers(self.vocab_size, (batch, self.seq_len), generator, device)
+        return rng.normal((batch, self.seq_len, self.token_dim), generator, device)
 
     def empty_tokens(self, batch: int, device: torch.device) -> torch.Tensor:
         """A zero token buffer in the tokenizer's layout (code 0 / zero latent)."""

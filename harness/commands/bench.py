@@ -136,9 +136,21 @@ def bench(
     tokens: str = typer.Option("64,256", "--tokens", help="Which settings: 64, 256 or both."),
     text_encoder: str = typer.Option("minilm", "--text-encoder", help="minilm | random (no text-encoder cost)."),
     as_markdown: bool = typer.Option(False, "--markdown", help="Also print the tables as Markdown."),
+    anchor_configs: bool = typer.Option(False, "--anchor-configs", help="Instead: ours against MAR and LlamaGen "
+                                        "at their shared configuration, interleaved (harness/anchors.py); "
+                                        "writes anchors.json."),
+    mar_root: Optional[Path] = typer.Option(None, "--mar-root", help="A checkout of github.com/LTH14/mar."),
+    llamagen_root: Optional[Path] = typer.Option(None, "--llamagen-root",
+                                                 help="A checkout of github.com/FoundationVision/LlamaGen."),
 ) -> None:
     """Measure training throughput and sampling cost of the four variants; print a table, write bench.json."""
     import torch
+
+    if anchor_configs:
+        return _anchors(ctx, out, mar_root, llamagen_root, threads=1 if threads is None else threads, reps=reps or 3)
+    if mar_root or llamagen_root:
+        from harness.errors import FluidbenchError
+        raise FluidbenchError("--mar-root/--llamagen-root: only with --anchor-configs")
 
     from harness.bench import bench_config, run_bench, write_bench
     from harness.errors import FluidbenchError
@@ -167,6 +179,22 @@ def bench(
     render(doc)
     if as_markdown:
         typer.echo(markdown(doc))
+    typer.echo(f"wrote {path}")
+
+
+def _anchors(ctx: typer.Context, out: Path, mar_root: Path | None, llamagen_root: Path | None, *, threads: int,
+             reps: int) -> None:
+    import torch
+
+    from harness.anchors import anchor_lines, run_anchors
+    from harness.atomic import write_json
+
+    doc = run_anchors(mar_root, llamagen_root, threads=threads or torch.get_num_threads(), reps=reps)
+    doc["command"] = _command(ctx)
+    path = Path(out) / "anchors.json"
+    write_json(path, doc)
+    for line in anchor_lines(doc):
+        typer.echo(line)
     typer.echo(f"wrote {path}")
 
 
