@@ -149,7 +149,7 @@ def _compute_optimal(spec: Spec) -> dict:
 def run_config_values(spec: Spec, variant: str, size: str, seed: int = 0) -> dict:
     """Every RunConfig value the sweep sets for one run (dotted keys): spec values, then the run's identity;
     seed k > 0 of a rung trains with train.seed + k (weights, data order, loss draws) into its own folder."""
-    values = spec.run_values(size)
+    values = spec.run_values(size, variant)
     if seed:
         values["train.seed"] = int(values.get("train.seed", 0)) + seed
     values.update({"out": str(spec.seed_run_dir(variant, size, seed)), "data.path": str(spec.data_dir()),

@@ -3,9 +3,9 @@
 A spec is a YAML file: the shipped ones live in harness/specs/ (`embedded`, `fluid-paper`), any other path works
 too. `load_spec` builds a `Spec` through harness/schema.py, so a misspelt or ill-typed key at any level (data,
 tokenizers, text, local, resources, cluster, report, eval.<metric>, eval.sampling, ...) is one line naming its
-path before anything runs; names the registry or the ladder do not know are caught here too. `run` and
-`per_size` hold RunConfig values (harness/config.py), nested or dotted: each key is checked against RunConfig,
-and harness/plan.py builds and validates the whole config of every run when it makes the plan.
+path before anything runs; names the registry or the ladder do not know are caught here too. `run`,
+`per_variant` and `per_size` hold RunConfig values (harness/config.py), nested or dotted: each key is checked against
+RunConfig, and harness/plan.py builds and validates the whole config of every run when it makes the plan.
 """
 from __future__ import annotations
 
@@ -236,7 +236,8 @@ class Spec:
     out: str = ""                                   # the sweep folder (default results/<name>)
     extra_runs: list[RunName] = field(default_factory=list)
     run: dict = field(default_factory=dict)         # RunConfig values for every run (nested or dotted keys)
-    per_size: dict[str, dict] = field(default_factory=dict)   # size -> RunConfig values over `run`
+    per_variant: dict[str, dict] = field(default_factory=dict)  # variant -> RunConfig values over `run`
+    per_size: dict[str, dict] = field(default_factory=dict)   # size -> RunConfig values over those
     features: FeatureOptions = field(default_factory=FeatureOptions)
     eval: EvalSpec = field(default_factory=EvalSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
@@ -275,9 +276,10 @@ class Spec:
         """The folder of seed `seed` of a rung: the rung's own for 0, else <variant>-<size>-seed<k>."""
         return self.run_dir(variant, size) if seed == 0 else self.root / "runs" / f"{variant}-{size}-seed{seed}"
 
-    def run_values(self, size: str) -> dict:
-        """The spec's RunConfig values for one rung: `run`, then `per_size[size]` (dotted keys)."""
-        return {**flatten(self.run), **flatten(self.per_size.get(size, {}))}
+    def run_values(self, size: str, variant: str | None = None) -> dict:
+        """The spec's RunConfig values for one run: `run`, `per_variant[variant]`, then `per_size[size]` (dotted)."""
+        return {**flatten(self.run), **flatten(self.per_variant.get(variant, {})),
+                **flatten(self.per_size.get(size, {}))}
 
     def resources_for(self, kind: str, size: str | None = None) -> Resources:
         """Resources of a job kind (prep, train, eval, report), per size for training when the spec says so."""
@@ -365,7 +367,12 @@ def check_spec(spec: Spec) -> None:
         from harness.isoflop import check_isoflop
 
         check_isoflop(spec)
-    for where, values in [("run", spec.run)] + [(f"per_size.{s}", v) for s, v in spec.per_size.items()]:
+    for variant in spec.per_variant:
+        if variant not in spec.variants:
+            raise FluidbenchError(f"per_variant.{variant}: not one of the spec's variants ({', '.join(spec.variants)})")
+    sections = ([("run", spec.run)] + [(f"per_variant.{v}", x) for v, x in spec.per_variant.items()]
+                + [(f"per_size.{s}", x) for s, x in spec.per_size.items()])
+    for where, values in sections:
         if not isinstance(values, Mapping):
             raise FluidbenchError(f"{where}: expected a mapping of RunConfig keys")
         for key, value in flatten(values).items():  # key by key, so the error names the spec's own path

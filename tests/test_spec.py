@@ -100,8 +100,10 @@ def test_every_job_is_typed_with_its_config_constructed(tmp_path):
 
     jobs = plan(load_spec("embedded", out=tmp_path / "e"))
     runs = [j for j in jobs if isinstance(j, TrainRun)]
-    assert len(runs) == 12 and all(isinstance(j.cfg, RunConfig) for j in runs)
-    assert runs[0].cfg.train.steps == 200 and runs[0].cfg.optim.lr == 1e-3
+    # 4 variants x 4 rungs + a second seed of each at cpu-xs (docs/recipe.md, the design)
+    assert len(runs) == 20 and all(isinstance(j.cfg, RunConfig) for j in runs)
+    assert runs[0].cfg.train.steps == 300 and runs[0].cfg.optim.lr == 2.2e-2
+    assert sum(j.cfg.train.seed == 1 for j in runs) == 4
     evals = [j for j in jobs if isinstance(j, Evaluate)]
     assert {j.metric for j in evals} == {"fid", "geneval"}  # clipscore: null in the embedded spec
     for job in evals:
@@ -170,7 +172,8 @@ def test_a_new_metric_is_one_registry_entry(tmp_path, monkeypatch):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(_set(EMBEDDED, "eval.toy", {"n": 7})))
     jobs = [j for j in plan(load_spec(path, out=tmp_path / "e")) if isinstance(j, Evaluate) and j.metric == "toy"]
-    assert len(jobs) == 12 and jobs[0].settings.n == 7 and jobs[0].outputs[0].endswith("eval/toy.json")
+    # one per training run of the embedded spec (4 variants x 4 rungs + 4 second seeds)
+    assert len(jobs) == 20 and jobs[0].settings.n == 7 and jobs[0].outputs[0].endswith("eval/toy.json")
     assert " --n 7 " in jobs[0].command + " "
     path.write_text(yaml.safe_dump(_set(EMBEDDED, "eval.toy", {"m": 7})))
     with pytest.raises(FluidbenchError, match="eval.toy.m: not a setting of eval_toy"):

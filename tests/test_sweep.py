@@ -395,3 +395,29 @@ def test_panel_metrics_of_their_own_wait_for_fids_samples(tmp_path):
     assert jobs["eval/fid/kl-random-166M"].deps == ["train/kl-random-166M"]
     assert {"fd_dinov2", "fd_dinov2_se", "cmmd", "cmmd_se", "kid_se"} <= set(table_columns(spec))
     assert "--protocol fluid" in jobs["eval/cmmd/kl-random-166M"].command
+
+
+def test_per_variant_values_reach_only_that_variant(tmp_path):
+    """per_variant values reach only that variant's runs and its extra seeds (per_size still wins over them); an
+    unknown variant there is a one-line error."""
+    import yaml
+
+    from harness.config import RunConfig
+
+    values = yaml.safe_load((ROOT / "harness/specs/embedded.yaml").read_text())
+    size = values["sizes"][0]
+    values["per_variant"] = {"vq-raster": {"model": {"options": {"cfg_scale": 7.5}}, "optim": {"weight_decay": 0.5},
+                                           "train": {"steps": 9}}}
+    values["per_size"] = {size: {"train": {"steps": 7}}}
+    values["extra_runs"] = [{"variant": "vq-raster", "size": size, "seeds": 2}]
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(values))
+    jobs = {j.name: j for j in plan(load_spec(spec_file, out=tmp_path / "out"))}
+    for name in (f"train/vq-raster-{size}", f"train/vq-raster-{size}-seed1"):
+        cfg = RunConfig.from_overrides(jobs[name].args["values"])
+        assert cfg.model.options["cfg_scale"] == 7.5 and cfg.optim.weight_decay == 0.5 and cfg.train.steps == 7
+    other = RunConfig.from_overrides(jobs[f"train/vq-random-{size}"].args["values"])
+    assert "cfg_scale" not in other.model.options and other.optim.weight_decay != 0.5
+    spec_file.write_text(yaml.safe_dump({**values, "per_variant": {"vq-nope": {}}}))
+    with pytest.raises(FluidbenchError, match="per_variant.vq-nope"):
+        load_spec(spec_file)

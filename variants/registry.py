@@ -41,9 +41,13 @@ LADDERS = {
     # that fits the paper's parameter counts within a few percent (the paper does not state it)
     "paper": [Rung("166M", 12, 768, 12), Rung("369M", 16, 1024, 16), Rung("665M", 20, 1280, 16),
               Rung("1.1B", 24, 1536, 16), Rung("3.1B", 32, 2304, 24), Rung("10.5B", 34, 4096, 64)],
-    # The embedded sweep on a 2-core CPU at 64 tokens: ~0.1M to ~4M parameters (x40)
+    # The embedded sweep on a 2-core CPU at 64 tokens: ~0.1M to ~4M parameters (x40). cpu-2x48 and cpu-3x96
+    # (blocks x width) sit between the letter sizes so that 4 rungs with an 8x span of non-embedding
+    # parameters fit the 30-minute sweep (docs/recipe.md)
     "cpu": [Rung("cpu-xs", 2, 32, 2, aligner_blocks=1, head_blocks=2),
+            Rung("cpu-2x48", 2, 48, 3, aligner_blocks=1, head_blocks=2),
             Rung("cpu-s", 3, 64, 4, aligner_blocks=1, head_blocks=2),
+            Rung("cpu-3x96", 3, 96, 4, aligner_blocks=1, head_blocks=2),
             Rung("cpu-m", 4, 128, 4, aligner_blocks=2, head_blocks=3),
             Rung("cpu-l", 6, 192, 6, aligner_blocks=2, head_blocks=3)],
 }
