@@ -2,8 +2,6 @@
 embedder loads a tiny random open_clip model from a local file and its embeddings are the model's, normalised."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -11,12 +9,7 @@ import torch
 from eval import panel
 from eval.cmmd import ClipImageFeatures, mmd_rbf
 
-TINY = "fluidbench-tiny-clip-cmmd"
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from test_clipscore import TINY, tiny_clip  # noqa: F401 - the same tiny open_clip model and its fixture
 
 
 def _unit(n: int, dim: int = 16, shift: float = 0.0, seed: int = 0) -> torch.Tensor:
@@ -44,28 +37,14 @@ def test_mmd_rbf_is_the_reference_estimator():
     assert out[800]["cmmd_se"] < 0.5 * out[50]["cmmd_se"]
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(folder / f"{TINY}.json")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # open_clip initialises from the global generator
-        model = open_clip.create_model(TINY)
-    weights = folder / "open_clip_pytorch_model.bin"
-    torch.save(model.state_dict(), weights)
-    return weights, model.eval()
-
-
 def test_clip_features_load_from_a_file_and_give_cmmd_of_the_embeddings(tiny_clip):
     from torchvision.transforms.functional import to_pil_image
 
     from eval.extractors import load_any_extractor
     from harness.hashing import sha256_file
 
-    weights, model = tiny_clip
+    _, weights, model = tiny_clip
+    model.eval()
     ext = load_any_extractor(f"clip-{TINY}", str(weights))
     assert isinstance(ext, ClipImageFeatures) and ext.dim == 16 and ext.checksum == sha256_file(weights)
     g = torch.Generator().manual_seed(0)
