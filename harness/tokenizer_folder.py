@@ -32,7 +32,9 @@ class TokenizerTrainOptions:
     latent_channels: int | None = None  # kl latent channels / vq code dimension
     batch_size: int | None = None
     lr: float | None = None
-    threads: int = 0                    # torch threads while training (0 = auto: 2, or 1 on a busy machine)
+    threads: int = 0                    # torch threads while training (0 = this process's torch thread count: in a
+                                        # sweep the job's threads; never the machine's load, which would make
+                                        # the tokenizer, and every result after it, depend on what else ran)
 
 
 def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options: TokenizerTrainOptions) -> dict:
@@ -48,7 +50,7 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
                    "--grid": (o.grid, 1), "--patch": (o.patch, 1), "--codebook-size": (o.codebook_size, 2),
                    "--latent-channels": (o.latent_channels, 1), "--batch-size": (o.batch_size, 1),
                    "--lr": (o.lr, 1e-12), "--threads": (o.threads, 0)})
-    threads = o.threads or _auto_threads()
+    threads = o.threads or _default_threads()
     train_images, _ = _shapes_images(data, "train")
     val_images, val_root = _shapes_images(data, "val")
     try:
@@ -70,12 +72,13 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
     return metrics
 
 
-def _auto_threads() -> int:
-    """2 threads (the 5-minute target is for 2 cores), but 1 when the load average already fills the cores: every
-    op's threads wait for each other, so one descheduled thread stalls them all (measured on a shared 2-core
-    machine: 8.7 s/step with 2 threads against 2.7 s/step with 1)."""
-    cores = os.cpu_count() or 1
-    return 1 if cores < 2 or os.getloadavg()[0] >= cores else 2
+def _default_threads() -> int:
+    """The process's torch thread count: a sweep's worker sets it per job (spec.local.threads), Slurm from
+    cpus_per_task. Float sums split over threads round differently, so this choice is part of the result; it
+    used to follow the load average (1 thread on a busy machine), and two sweeps then trained other tokenizers."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _shapes_images(data: Path, split: str):

@@ -297,3 +297,22 @@ def test_cli_train_and_eval(tmp_path, capsys):
 
     assert 2 == _cli(["tokenizer", "eval", "--tokenizer", str(tmp_path / "missing"), "--data", data])
     assert "tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("load", [0.0, 50.0])
+def test_default_threads_are_the_processs_never_the_machine_load(tmp_path, monkeypatch, load):
+    """A sweep's tokenizer job trains with its worker's threads whatever else runs: the thread count decides how
+    float sums round, and a load-dependent choice made two sweeps from clean results train other tokenizers."""
+    from harness.data.shapes import write_shapes
+    from harness.tokenizer_folder import TokenizerTrainOptions, train_tokenizer_folder
+
+    write_shapes(tmp_path / "shapes", n_train=16, n_val=4, progress=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        metrics = train_tokenizer_folder("kl", tmp_path / "shapes", tmp_path / "tok",
+                                         TokenizerTrainOptions(steps=1, batch_size=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics["threads"] == 2

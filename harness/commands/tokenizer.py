@@ -36,9 +36,9 @@ def register(app: typer.Typer) -> None:
                                                       help="kl latent channels / vq code dimension"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
         lr: Optional[float] = typer.Option(None, "--lr"),
-        threads: int = typer.Option(0, "--threads", help="torch threads while training (0 = auto: 2, or 1 when "
-                                                          "the machine is already busy; set it for repeatable "
-                                                          "results: sums split over threads round differently)"),
+        threads: int = typer.Option(0, "--threads", help="torch threads while training (0 = torch's default, "
+                                                          "one per core; the count is part of the result: sums "
+                                                          "split over threads round differently)"),
     ) -> None:
         """Train a VQ or KL tokenizer on ShapesT2I; writes OUT/tokenizer.json, OUT/model/, OUT/metrics.json."""
         from harness.tokenizer_folder import TokenizerTrainOptions, train_tokenizer_folder
