@@ -10,10 +10,14 @@ ARGS     ?=
 
 .PHONY: sweep test bench gpu-check report install clean-results
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# facebookresearch's DINOv2 model code, for tests/test_dinov2.py's bit-identity check against torch-fidelity's
+	# extractor (torch.hub's copy cannot be fetched here). --no-deps: its metadata pins torch 2.0 and xformers, and
+	# its model code needs neither.
+	$(PY) -m pip install --quiet --no-deps 'dinov2==0.0.1.dev2'
 	@touch $(STAMP)
 
 install: $(STAMP)
