@@ -135,8 +135,14 @@ def test_data_latents_of_a_normalised_kl_tokenizer_have_unit_std():
 
     cfg = TokenizerTrainConfig(kind="kl", widths=(8, 16, 16), norm_groups=4, latent_channels=4)
     tokenizer = build_tokenizer(cfg).eval()
+    with torch.no_grad():  # posteriors as wide as the means' spread in two channels: mostly-noise channels, as
+        tokenizer.model.quant_conv.bias[4:6] += 6.0  # a trained tokenizer had; training sees mean + std * eps
     images = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     _estimate_normalisation(tokenizer, images, torch.Generator().manual_seed(2))
+    mean, std = tokenizer.encode_moments(images.float() / 127.5 - 1)
+    assert (std.pow(2).mean((0, 1)).sqrt()[:2] > 0.5).all()  # the two noisy channels
+    draws = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(draws.std(dim=(0, 1)), torch.ones(4), atol=0.05, rtol=0)  # every channel
     data = data_latent_stats(tokenizer, images.split(16), seed=0)
     assert data.summary()["std"] == pytest.approx(1.0, abs=0.02)
     assert data_latent_stats(tokenizer, images.split(16), seed=0) == data  # seeded posterior draws

@@ -235,12 +235,16 @@ def _restart_dead_codes(model, h: torch.Tensor, usage: torch.Tensor, gen: torch.
 @torch.no_grad()
 def _estimate_normalisation(tokenizer: KLTokenizer, images: torch.Tensor, gen: torch.Generator,
                             n: int = 2000) -> None:
-    """Per-channel shift and scale so that normalised latents have zero mean and unit std on the data."""
+    """Per-channel shift and scale so that the latents training sees, posterior draws mean + std * eps, have zero
+    mean and unit std on the data (LDM's scale-by-std computes its factor on draws too). Normalising the means
+    instead left a channel whose posterior is mostly noise at std 3.2 in the targets (embedded kl tokenizer,
+    channel 1: means std 1.0, posterior std 3.0), which a sampler clipped at a few units cannot reproduce."""
     pick = torch.randperm(len(images), generator=gen)[:n]
-    means = []
+    draws = []
     for batch in images[pick].split(256):
-        means.append(tokenizer.model.encode(_to_model(batch)).latent_dist.mean)
-    z = torch.cat(means).transpose(0, 1).reshape(tokenizer.latent_channels, -1)  # (C, N*H*W)
+        post = tokenizer.model.encode(_to_model(batch)).latent_dist
+        draws.append(post.mean + post.std * torch.randn(post.mean.shape, generator=gen))
+    z = torch.cat(draws).transpose(0, 1).reshape(tokenizer.latent_channels, -1)  # (C, N*H*W)
     tokenizer.shift.copy_(z.mean(1))
     tokenizer.scale.copy_(1 / z.std(1).clamp(min=1e-6))
     tokenizer._checksum = None
