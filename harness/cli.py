@@ -26,12 +26,30 @@ for module in (data, tokenizer, variants, train, sample, eval_cmds, sweep, repor
     module.register(app)
 
 
+def _click_error(e: Exception) -> bool:
+    """click's own errors (typer vendors click, so its classes are not importable by one name): an unknown or
+    missing option, a value out of range, a file it could not open."""
+    return callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, prog_name="fluidbench", standalone_mode=True)
+        code = app(args=argv, prog_name="fluidbench", standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a command's own handling
+        print("Aborted.", file=sys.stderr)
+        sys.exit(1)
     except (FluidbenchError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         if os.environ.get("FLUIDBENCH_DEBUG"):
             raise
         msg = " ".join(str(e).split())  # one line, whatever the exception carried
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if not _click_error(e):
+            raise
+        ctx = getattr(e, "ctx", None)  # bad usage, reported like bad input: one line naming the option
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        print(f"error: {where}{' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)  # click returns an Exit's code (--help: 0) without raising

@@ -411,3 +411,16 @@ def test_geneval_folder_complete_and_known(tmp_path, damage, named):
                       "--n", "3"])
     assert_refused(result, named)
     assert contents(folder) == before and not (folder / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args, names", [
+    (["eval", "fid", "--run", "R", "--n", "1"], ["fluidbench eval fid", "--n", "2"]),   # out of the option's range
+    (["eval", "fid", "--run", "R", "--bogus"], ["fluidbench eval fid", "--bogus"]),     # no such option
+    (["train", "--variant", "vq-raster"], ["fluidbench train", "--out"]),             # a required option missing
+    (["nosuch"], ["nosuch"]),                                                          # no such command
+])
+def test_bad_usage_is_one_line_naming_the_option(tmp_path, args, names):
+    """Errors that click finds before a command runs read like every other bad input: exit 2, one line."""
+    result = run_cli(args, cwd=tmp_path)
+    assert_refused(result, *names)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
