@@ -43,6 +43,7 @@ class RunPlan:
     mem_total_gb: float
     eval_gpu_hours: float        # sampling for FID, GenEval and CLIP score at the assumed sampling MFU
     budget: float | None = None  # an IsoFLOP cell's budget (harness/isoflop.py): its steps spend it
+    seed: int = 0                # a further seed of the same run (`extra_runs: seeds`) costs as much again
 
 
 def _activation_bytes(variant, checkpointing: bool) -> float:
@@ -97,12 +98,17 @@ def plan_run(spec: Spec, variant_name: str, size: str, steps: int | None = None,
 
 def scale_plan(spec: Spec) -> list[RunPlan]:
     """One plan per training run of the spec: its IsoFLOP cells (and extra runs) when it has a design."""
-    if spec.isoflop is None:
-        return [plan_run(spec, v, s) for v, s in spec.runs()]
-    from harness.isoflop import cells
+    from dataclasses import replace
 
-    extra = [plan_run(spec, r.variant, r.size) for r in spec.extra_runs]
-    return [plan_run(spec, c.variant, c.size, steps=c.steps, budget=c.budget) for c in cells(spec)] + extra
+    if spec.isoflop is None:
+        grid = [plan_run(spec, v, s) for v, s in spec.runs()]
+    else:
+        from harness.isoflop import cells
+
+        extra = [plan_run(spec, v, s) for v, s in dict.fromkeys((r.variant, r.size) for r in spec.extra_runs)]
+        grid = [plan_run(spec, c.variant, c.size, steps=c.steps, budget=c.budget) for c in cells(spec)] + extra
+    seeds = [replace(p, seed=k) for p in grid if p.budget is None for k in spec.extra_seeds(p.variant, p.size)]
+    return grid + seeds
 
 
 def format_plan(spec: Spec, plans: list[RunPlan]) -> str:
@@ -118,7 +124,7 @@ def format_plan(spec: Spec, plans: list[RunPlan]) -> str:
     for p in plans:
         par = p.strategy + (" + act. ckpt" if p.activation_checkpointing else "")
         flag = " (over!)" if p.mem_total_gb > limit else ""
-        run = f"{p.variant} {p.size}" + (f" @ {p.budget:.3g}" if p.budget else "")
+        run = f"{p.variant} {p.size}" + (f" @ {p.budget:.3g}" if p.budget else "") + (f" seed {p.seed}" if p.seed else "")
         lines.append(f"| {run} | {p.params / 1e9:.2f}B | {p.train_flops:.2e} | {p.gpus} | {par} | "
                      f"{p.gpu_hours:,.0f} ({p.text_gpu_hours:,.0f}) | {p.wall_days:.1f} | {p.mem_state_gb:.1f} | {p.mem_act_gb:.1f} | "
                      f"{p.mem_total_gb:.1f}{flag} | {p.eval_gpu_hours:,.1f} |")

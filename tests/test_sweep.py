@@ -307,6 +307,23 @@ def test_readme_and_cluster_guide_show_the_computed_scale_plan(tmp_path):
         assert not missing, f"{doc} is stale (run `fluidbench sweep fluid-paper --plan`): {missing[0]}"
 
 
+@pytest.mark.parametrize("name", ["embedded", "embedded-isoflop"])
+def test_the_scale_plan_costs_every_training_run_the_sweep_plans(tmp_path, name):
+    """One plan per TrainRun / TrainCell job, further seeds included: a second seed costs as much again."""
+    from harness.jobs import TrainCell, TrainRun
+    from harness.scale_plan import scale_plan
+
+    spec = load_spec(name, out=tmp_path / name)
+    runs = [j for j in plan(spec) if isinstance(j, (TrainRun, TrainCell))]
+    plans = scale_plan(spec)
+    assert len(plans) == len(runs)
+    if name == "embedded":
+        seeded = [p for p in plans if p.seed]
+        assert seeded and all(p.seed == 1 and p.size == "cpu-xs" for p in seeded)
+        first = {(p.variant, p.size): p for p in plans if not p.seed}
+        assert all(p.train_flops == first[(p.variant, p.size)].train_flops for p in seeded)
+
+
 def test_exclusive_jobs_wait_for_the_whole_machine_and_hold_the_queue(tmp_path):
     """local.exclusive: a matching job starts only when every worker is free, with all their threads, and the
     jobs behind it wait (no starvation by a stream of small jobs)."""
