@@ -11,6 +11,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    models lose more to thread hand-offs than they gain, the machine is shared, and one thread rounds the same
+    way on every machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def local_slurm(tmp_path_factory) -> dict[str, str]:
     """A real single-node Slurm (munged, slurmctld, slurmd) for the whole session, started by

@@ -19,13 +19,7 @@ B, L, T, D, V, C = 4, 16, 5, 24, 32, 4
 TINY = dict(seq_len=L, vocab_size=V, token_dim=C, text_dim=D, steps=4, head_steps=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread hand-offs cost more than they save, and the machine is shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(name: str, seed: int = 0, **options) -> torch.nn.Module:
