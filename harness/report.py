@@ -196,7 +196,8 @@ def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
             continue
         sampled, data, ratio = latents["sampled"], latents["data"], latents.get("std_ratio")
         ok = ratio is not None and abs(ratio - 1) <= LATENT_STD_TOLERANCE
-        rows.append([f"{r['variant']} {r['size']}", sampled["std"], data["std"], ratio, sampled["mean_abs"],
+        seed = f" seed {int(r['seed'])}" if "seed" in r and r["seed"] else ""
+        rows.append([f"{r['variant']} {r['size']}{seed}", sampled["std"], data["std"], ratio, sampled["mean_abs"],
                      data["mean_abs"], sampled["max_abs"], data["max_abs"], "yes" if ok else "**no**"])
     if not rows:
         return []
