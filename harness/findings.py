@@ -22,7 +22,8 @@ import pandas as pd
 
 from harness.scaling import PowerLawFit, fit_power_law, pearson_r
 from harness.stats import (FAILS, HOLDS, OPEN, HeldOut, Interval, PairedBootstrap, PromptScores, combine_verdicts,
-                           fit_form, held_out_check, mean_scores, normal_interval, read_prompt_scores)
+                           TwoStep, fit_form, held_out_check, mean_scores, normal_interval, read_prompt_scores,
+                           two_step_prediction)
 
 Cell = tuple[str, str]  # (variant, size)
 GENEVAL_SE = "geneval_overall_se"  # the results table's binomial standard error of GenEval overall
@@ -343,5 +344,41 @@ def held_out_rows(table: pd.DataFrame) -> list[list[Any]]:
     return rows
 
 
+TWO_STEP_METRICS = ("geneval_overall", "fid_standardised")  # the report's quality metrics with a bootstrap SE
+
+
+def two_step_predictions(table: pd.DataFrame, n_boot: int = 1000) -> list[TwoStep]:
+    """Per variant with a held-out loss check and each of TWO_STEP_METRICS measured: the largest rung's metric
+    predicted from the smaller rungs, from its measured loss and in two steps from its predicted loss."""
+    out = []
+    x = size_column(table)
+    for variant, check in sorted(held_out_checks(table, n_boot=n_boot).items()):
+        rows = table[table["variant"] == variant]
+        for metric in TWO_STEP_METRICS:
+            if metric not in rows or rows[metric].isna().all():
+                continue
+            top = rows[rows[x] == check.n]
+            se = top.get(f"{metric}_se")
+            measured_se = float(se.mean() / math.sqrt(se.notna().sum())) if se is not None and se.notna().any() else 0.0
+            pred = two_step_prediction(check, rows[x], rows["val_loss"], rows[metric], metric_se=measured_se,
+                                       name=f"{variant} {metric}", n_boot=n_boot)
+            if pred is not None:
+                out.append(pred)
+    return out
+
+
+def two_step_rows(table: pd.DataFrame) -> list[list[Any]]:
+    """Report rows: variant and metric, runs fitted, slope, from the measured loss, two steps, measured +- SE,
+    error, verdict."""
+    return [[p.metric, p.runs, p.slope, _interval(p.from_loss), _interval(p.two_step),
+             f"{p.measured:.4g} +- {p.measured_se:.2g}", f"{p.error:+.3g}", p.verdict()]
+            for p in two_step_predictions(table)]
+
+
+def _interval(i: Interval) -> str:
+    return f"{i.estimate:.4g} [{i.lo:.4g}, {i.hi:.4g}]"
+
+
 __all__ = ["Finding", "Evidence", "judge", "fit_losses", "held_out_checks", "held_out_rows", "size_column",
+           "two_step_predictions", "two_step_rows",
            "HOLDS", "FAILS", "OPEN"]

@@ -115,7 +115,7 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
 
 
 def _fit_section(table: pd.DataFrame, fits: dict[str, PowerLawFit], offset: bool, figures: dict) -> list[str]:
-    from harness.findings import held_out_rows, size_column
+    from harness.findings import held_out_rows, size_column, two_step_rows
 
     n = "non-embedding parameters" if size_column(table) == "params_nonembed" else "total parameters"
     form = "L = a * N^(-alpha) + c" if offset else "L = a * N^(-alpha), + c with 4 or more sizes"
@@ -134,6 +134,15 @@ def _fit_section(table: pd.DataFrame, fits: dict[str, PowerLawFit], offset: bool
                  "(interval: pairs bootstrap over the fitted runs, widened by the seed spread where measured).", "",
                  markdown_table(["variant", "sizes fitted", "form", "predicted [95%]", "measured", "error",
                                  "verdict"], held), ""]
+    two = two_step_rows(table)
+    if two:
+        text += ["Loss to quality in two steps (the OLMo ladder's method): a line metric = a + b * loss fitted on "
+                 "the smaller rungs' runs predicts the largest rung's metric, from its measured loss (step 2 "
+                 "alone) and from the loss the power law above predicted (steps 1 + 2, that prediction's interval "
+                 "carried through). Holds when the measured value lies inside the two-step interval widened by "
+                 "its own SE.", "",
+                 markdown_table(["variant metric", "runs fitted", "slope", "from measured loss [95%]",
+                                 "two steps [95%]", "measured +- SE", "error (two steps)", "verdict"], two), ""]
     for key in ("loss_vs_params", "loss_vs_flops"):
         if key in figures:
             text += [f"![{key}]({figures[key]})", ""]
@@ -196,7 +205,7 @@ def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
             continue
         sampled, data, ratio = latents["sampled"], latents["data"], latents.get("std_ratio")
         ok = ratio is not None and abs(ratio - 1) <= LATENT_STD_TOLERANCE
-        seed = f" seed {int(r['seed'])}" if "seed" in r and r["seed"] else ""
+        seed = f" seed {int(r['seed'])}" if "seed" in r and pd.notna(r["seed"]) and r["seed"] else ""
         rows.append([f"{r['variant']} {r['size']}{seed}", sampled["std"], data["std"], ratio, sampled["mean_abs"],
                      data["mean_abs"], sampled["max_abs"], data["max_abs"], "yes" if ok else "**no**"])
     if not rows:

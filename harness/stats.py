@@ -218,3 +218,69 @@ def held_out_check(n: Sequence[float], loss: Sequence[float], *, seed_sd: float 
     if seed_sd:  # the measured value itself carries the seed spread
         interval = interval.widened(seed_sd, "seed spread")
     return HeldOut(fit, offset, float(largest), interval, float(l_arr[n_arr == largest].mean()))
+
+
+# ------------------------------------------------------------------------------- loss -> metric, two steps
+@dataclass(frozen=True)
+class TwoStep:
+    """The largest rung's metric predicted in two steps (the OLMo ladder's method, Bhagia et al. 2024): step 1,
+    its loss from the power law fitted on the smaller rungs (`HeldOut`); step 2, the metric from that loss by a
+    line fitted on the smaller rungs' (loss, metric) runs. `from_loss` is step 2 alone, at the measured loss."""
+
+    metric: str
+    runs: int                    # smaller-rung runs the line was fitted on
+    slope: float
+    from_loss: Interval          # step 2 at the largest rung's measured loss
+    two_step: Interval           # steps 1 + 2: at the predicted loss, its interval carried through
+    measured: float
+    measured_se: float           # the measurement's own standard error (bootstrap over samples / prompts)
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) in the metric's units: two steps."""
+        return self.two_step.estimate - self.measured
+
+    def verdict(self) -> str:
+        """Holds when the measured value lies inside the two-step interval widened by its own SE."""
+        interval = self.two_step.widened(self.measured_se, "measurement SE")
+        if not (math.isfinite(interval.lo) and math.isfinite(interval.hi)):
+            return OPEN
+        return HOLDS if interval.lo <= self.measured <= interval.hi else FAILS
+
+
+def two_step_prediction(held: HeldOut, n: Sequence[float], loss: Sequence[float], metric: Sequence[float], *,
+                        metric_se: float = 0.0, name: str = "metric", n_boot: int = 1000,
+                        seed: int = 0) -> TwoStep | None:
+    """Step 2 fitted on the runs below the largest size `held.n` (metric = a + b * loss, least squares; a pairs
+    bootstrap over those runs for its interval, each resampled line evaluated at a loss drawn from step 1's
+    interval for the two-step prediction); None with fewer than 3 smaller-rung runs or no spread in their loss."""
+    n_arr, l_arr, m_arr = (np.asarray(v, dtype=np.float64) for v in (n, loss, metric))
+    keep = np.isfinite(n_arr) & np.isfinite(l_arr) & np.isfinite(m_arr)
+    n_arr, l_arr, m_arr = n_arr[keep], l_arr[keep], m_arr[keep]
+    train, top = n_arr < held.n, n_arr == held.n
+    lt, mt = l_arr[train], m_arr[train]
+    if len(lt) < 3 or np.ptp(lt) == 0 or not top.any():
+        return None
+    slope, intercept = np.polyfit(lt, mt, 1)
+    loss_top = float(l_arr[top].mean())
+    p = held.predicted
+    loss_sd = (p.hi - p.lo) / (2 * Z95) if math.isfinite(p.hi - p.lo) else 0.0
+    rng = np.random.default_rng(seed)
+    at_loss, two = [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(lt), len(lt))
+        if np.ptp(lt[idx]) == 0:
+            continue
+        b, a = np.polyfit(lt[idx], mt[idx], 1)
+        at_loss.append(a + b * loss_top)
+        two.append(a + b * (p.estimate + loss_sd * rng.standard_normal()))
+
+    def interval(estimate: float, boots: list[float], method: str) -> Interval:
+        lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (math.nan, math.nan)
+        return Interval(estimate, float(min(lo, estimate)), float(max(hi, estimate)), method)
+
+    method = f"pairs bootstrap over {len(lt)} smaller-rung runs"
+    return TwoStep(name, len(lt), float(slope),
+                   interval(float(intercept + slope * loss_top), at_loss, method),
+                   interval(float(intercept + slope * p.estimate), two, method + " + step 1's interval"),
+                   float(m_arr[top].mean()), float(metric_se))

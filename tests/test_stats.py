@@ -167,6 +167,33 @@ def test_power_law_finding_uses_the_held_out_rung_on_non_embedding_parameters():
     assert finding.verdict == FAILS and "held-out error -9.09%" in finding.evidence
 
 
+def test_two_step_prediction_follows_a_linear_loss_metric_map_and_catches_a_break():
+    """Loss from a power law, GenEval linear in loss with noise: the largest rung's GenEval predicted in two steps
+    lands inside its interval; a largest rung that beats the trend by 0.2 does not."""
+    from harness.findings import two_step_predictions, two_step_rows
+
+    rng = np.random.default_rng(0)
+    n = np.geomspace(1e5, 1e7, 5)
+    rows = []
+    for i, x in enumerate(n):
+        for seed in (0, 1):
+            loss = 3.0 * x ** -0.1 + 0.5 + 0.002 * rng.standard_normal()
+            rows.append(dict(run=f"v-{i}-{seed}", variant="kl-random", size=f"r{i}", seed=seed,
+                             params_nonembed=x, params=x, val_loss=loss,
+                             geneval_overall=1.8 - 1.2 * loss + 0.003 * rng.standard_normal(),
+                             geneval_overall_se=0.003))
+    table = pd.DataFrame(rows)
+    (pred,) = two_step_predictions(table, n_boot=300)
+    assert pred.runs == 8 and pred.slope == pytest.approx(-1.2, rel=0.1)
+    assert pred.verdict() == HOLDS and abs(pred.error) < 0.02
+    assert abs(pred.from_loss.estimate - pred.measured) < 0.02  # step 2 alone, at the measured loss
+    table.loc[table["size"] == "r4", "geneval_overall"] += 0.2  # a jump the smaller rungs do not show
+    (broken,) = two_step_predictions(table, n_boot=300)
+    assert broken.verdict() == FAILS and broken.error == pytest.approx(-0.2, abs=0.03)
+    assert two_step_rows(table)[0][-1] == FAILS
+    assert two_step_predictions(table[table["size"].isin(["r0", "r1"])]) == []  # no held-out check: nothing
+
+
 def test_envelope_follows_the_best_size_at_each_compute(tmp_path):
     from harness.curves import envelope, training_curves
 
