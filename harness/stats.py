@@ -60,6 +60,13 @@ def normal_interval(estimate: float, sd: float, method: str) -> Interval:
     return Interval(estimate, estimate - Z95 * sd, estimate + Z95 * sd, method)
 
 
+def bootstrap_interval(estimate: float, boots: Sequence[float], method: str) -> Interval:
+    """The 2.5-97.5 percentiles of bootstrap values, widened to take in the estimate itself (a resampled fit can
+    sit all on one side of it); nan bounds when no resample was usable."""
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if len(boots) else (math.nan, math.nan)
+    return Interval(estimate, float(min(lo, estimate)), float(max(hi, estimate)), method)
+
+
 def combine_verdicts(verdicts: Sequence[str]) -> str:
     """A claim made for every case: holds if it holds in all, does not hold if it fails in any, else not resolved."""
     if not verdicts:
@@ -212,9 +219,7 @@ def held_out_check(n: Sequence[float], loss: Sequence[float], *, seed_sd: float 
         if idx not in fitted:  # a few points have few distinct resamples: fit each once
             fitted[idx] = float(fit_power_law(nt[list(idx)], lt[list(idx)], offset=offset, n_boot=0).predict(largest))
         boots.append(fitted[idx])
-    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (math.nan, math.nan)
-    interval = Interval(predicted, float(min(lo, predicted)), float(max(hi, predicted)),
-                        f"pairs bootstrap over the {len(np.unique(nt))} smaller sizes")
+    interval = bootstrap_interval(predicted, boots, f"pairs bootstrap over the {len(np.unique(nt))} smaller sizes")
     if seed_sd:  # the measured value itself carries the seed spread
         interval = interval.widened(seed_sd, "seed spread")
     return HeldOut(fit, offset, float(largest), interval, float(l_arr[n_arr == largest].mean()))
@@ -274,13 +279,8 @@ def two_step_prediction(held: HeldOut, n: Sequence[float], loss: Sequence[float]
         b, a = np.polyfit(lt[idx], mt[idx], 1)
         at_loss.append(a + b * loss_top)
         two.append(a + b * (p.estimate + loss_sd * rng.standard_normal()))
-
-    def interval(estimate: float, boots: list[float], method: str) -> Interval:
-        lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (math.nan, math.nan)
-        return Interval(estimate, float(min(lo, estimate)), float(max(hi, estimate)), method)
-
     method = f"pairs bootstrap over {len(lt)} smaller-rung runs"
     return TwoStep(name, len(lt), float(slope),
-                   interval(float(intercept + slope * loss_top), at_loss, method),
-                   interval(float(intercept + slope * p.estimate), two, method + " + step 1's interval"),
+                   bootstrap_interval(float(intercept + slope * loss_top), at_loss, method),
+                   bootstrap_interval(float(intercept + slope * p.estimate), two, method + " + step 1's interval"),
                    float(m_arr[top].mean()), float(metric_se))
