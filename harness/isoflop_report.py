@@ -220,18 +220,16 @@ def analyse(table: pd.DataFrame, sweep_dir: Path | None = None, *, intermediate:
 def draw(analyses: dict[str, VariantAnalysis], points: pd.DataFrame, out_dir: Path) -> dict[str, str]:
     """isoflop_curves.png (loss against N per budget, one panel per variant, parabolas and their minima) and
     frontier.png (N_opt and L_opt against C, every variant on one axis, with the fitted power laws)."""
-    from harness.plots import COLORS, _pyplot, _save
+    from harness.plots import COLORS, _panels, _pyplot, _save
 
     with_profiles = {v: a for v, a in analyses.items() if a.frontier is not None}
     if not with_profiles:
         return {}
     plt = _pyplot()
     figures = {}
-    cols = min(len(with_profiles), 2)
-    rows_n = int(np.ceil(len(with_profiles) / cols))
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4 * rows_n), squeeze=False)
+    fig, axes = _panels(len(with_profiles), (5.2, 4))
     cmap = plt.get_cmap("viridis")
-    for ax, (variant, analysis) in zip(axes.flat, sorted(with_profiles.items())):
+    for ax, (variant, analysis) in zip(axes, sorted(with_profiles.items())):
         profiles = analysis.frontier.profiles
         for i, profile in enumerate(profiles):
             color = cmap(i / max(len(profiles) - 1, 1) * 0.85)
@@ -251,8 +249,6 @@ def draw(analyses: dict[str, VariantAnalysis], points: pd.DataFrame, out_dir: Pa
         ax.set_ylabel("validation loss")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(with_profiles):]:
-        ax.set_visible(False)
     fig.tight_layout()
     figures["isoflop_curves"] = _save(fig, out_dir / "isoflop_curves.png")
 

@@ -27,6 +27,16 @@ def _style(variant: str, rows: pd.DataFrame) -> dict:
     return {"color": COLORS.get(variant, None), "marker": MARKERS.get(order, "o"), "label": variant}
 
 
+def _panels(n: int, panel: tuple[float, float] = (5, 3.8)):
+    """A figure of n panels, two per row, each `panel` inches: (figure, the n axes); spare cells are hidden."""
+    cols = min(n, 2)
+    rows_n = int(np.ceil(n / cols))
+    fig, axes = _pyplot().subplots(rows_n, cols, figsize=(panel[0] * cols, panel[1] * rows_n), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)[:n]
+
+
 def _save(fig, path: Path) -> str:
     from harness.atomic import atomic_path
 
@@ -42,11 +52,8 @@ def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path
     variants = sorted(table.dropna(subset=["val_loss"])["variant"].unique())
     if not variants:
         return None
-    plt = _pyplot()
-    cols = min(len(variants), 2)
-    rows_n = int(np.ceil(len(variants) / cols))
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
-    for ax, variant in zip(axes.flat, variants):
+    fig, axes = _panels(len(variants))
+    for ax, variant in zip(axes, variants):
         rows = table[table["variant"] == variant].dropna(subset=[x, "val_loss"]).sort_values(x)
         style = _style(variant, rows)
         ax.scatter(rows[x], rows["val_loss"], color=style["color"], marker=style["marker"], zorder=3)
@@ -64,8 +71,6 @@ def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path
         ax.set_xlabel("non-embedding parameters N" if x == "params_nonembed" else "parameters N")
         ax.set_ylabel("validation loss")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(variants):]:
-        ax.set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -105,11 +110,8 @@ def loss_envelope(curves: pd.DataFrame, frontier: pd.DataFrame, path: Path) -> s
     variants = sorted(curves["variant"].unique()) if len(curves) else []
     if not variants or curves.groupby("run").size().max() < 2:
         return None  # one validation per run draws points, not curves: `train.val_every` was not set
-    plt = _pyplot()
-    cols = min(len(variants), 2)
-    rows_n = int(np.ceil(len(variants) / cols))
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
-    for ax, variant in zip(axes.flat, variants):
+    fig, axes = _panels(len(variants))
+    for ax, variant in zip(axes, variants):
         rows = curves[curves["variant"] == variant]
         shades = np.linspace(0.35, 1.0, rows["size"].nunique())
         for shade, (size, run_rows) in zip(shades, sorted(rows.groupby("size"), key=lambda g: g[1]["flops"].max())):
@@ -126,8 +128,6 @@ def loss_envelope(curves: pd.DataFrame, frontier: pd.DataFrame, path: Path) -> s
         ax.set_ylabel("validation loss")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(variants):]:
-        ax.set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
 
