@@ -132,11 +132,12 @@ def test_embedded_isoflop_plan_spends_each_budget_within_one_step(tmp_path):
                                 if j.stage == "make_report").args["columns"]
 
 
-def test_the_isoflop_ladder_is_the_cpu_ladder_with_a_smaller_rung():
+def test_the_isoflop_ladder_is_the_cpu_ladder_with_its_smallest_rung():
     from harness.config import RunConfig
     from variants.registry import LADDER_SHAPES, LADDERS, build_variant
 
-    assert LADDERS["cpu-isoflop"][1:] == LADDERS["cpu"] and LADDER_SHAPES["cpu-isoflop"] == LADDER_SHAPES["cpu"]
+    assert LADDERS["cpu-isoflop"] == LADDERS["cpu"] and LADDER_SHAPES["cpu-isoflop"] == LADDER_SHAPES["cpu"]
+    assert LADDERS["cpu"][0].name == "cpu-2xs"
     shapes = {k: v for k, v in LADDER_SHAPES["cpu"].items() if k != "text_len"}
     small, xs = (build_variant("vq-random", s, ladder="cpu-isoflop", **shapes).param_counts()["total"]
                  for s in ("cpu-2xs", "cpu-xs"))

@@ -102,7 +102,7 @@ def test_every_job_is_typed_with_its_config_constructed(tmp_path):
     runs = [j for j in jobs if isinstance(j, TrainRun)]
     # 4 variants x 4 rungs + a second seed of each at cpu-xs (docs/recipe.md, the design)
     assert len(runs) == 20 and all(isinstance(j.cfg, RunConfig) for j in runs)
-    assert runs[0].cfg.train.steps == 300 and runs[0].cfg.optim.lr == 2.2e-2
+    assert runs[0].cfg.train.steps == 800 and runs[0].cfg.optim.lr == 4.4e-2
     assert sum(j.cfg.train.seed == 1 for j in runs) == 4
     evals = [j for j in jobs if isinstance(j, Evaluate)]
     assert {j.metric for j in evals} == {"fid", "geneval"}  # clipscore: null in the embedded spec

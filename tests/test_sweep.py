@@ -319,7 +319,7 @@ def test_the_scale_plan_costs_every_training_run_the_sweep_plans(tmp_path, name)
     assert len(plans) == len(runs)
     if name == "embedded":
         seeded = [p for p in plans if p.seed]
-        assert seeded and all(p.seed == 1 and p.size == "cpu-xs" for p in seeded)
+        assert seeded and all(p.seed == 1 and p.size == "cpu-2xs" for p in seeded)
         first = {(p.variant, p.size): p for p in plans if not p.seed}
         assert all(p.train_flops == first[(p.variant, p.size)].train_flops for p in seeded)
 

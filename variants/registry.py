@@ -41,19 +41,20 @@ LADDERS = {
     # that fits the paper's parameter counts within a few percent (the paper does not state it)
     "paper": [Rung("166M", 12, 768, 12), Rung("369M", 16, 1024, 16), Rung("665M", 20, 1280, 16),
               Rung("1.1B", 24, 1536, 16), Rung("3.1B", 32, 2304, 24), Rung("10.5B", 34, 4096, 64)],
-    # The embedded sweep on a 2-core CPU at 64 tokens: ~0.1M to ~4M parameters (x40). cpu-2x48 and cpu-3x96
-    # (blocks x width) sit between the letter sizes so that 4 rungs with an 8x span of non-embedding
-    # parameters fit the 30-minute sweep (docs/recipe.md)
-    "cpu": [Rung("cpu-xs", 2, 32, 2, aligner_blocks=1, head_blocks=2),
+    # The embedded sweeps on a 2-core CPU at 64 tokens: ~0.03M to ~4M parameters. The rungs named blocks x
+    # width sit between the letter sizes: the embedded sweep trains cpu-2xs / xs / 2x48 / s (27k-308k
+    # non-embedding parameters, ~2x apart) long enough that the smallest saturates (docs/recipe.md), and the
+    # IsoFLOP sweep's smallest budget is best spent on cpu-2xs
+    "cpu": [Rung("cpu-2xs", 2, 16, 2, aligner_blocks=1, head_blocks=2),
+            Rung("cpu-xs", 2, 32, 2, aligner_blocks=1, head_blocks=2),
             Rung("cpu-2x48", 2, 48, 3, aligner_blocks=1, head_blocks=2),
             Rung("cpu-s", 3, 64, 4, aligner_blocks=1, head_blocks=2),
             Rung("cpu-3x96", 3, 96, 4, aligner_blocks=1, head_blocks=2),
             Rung("cpu-m", 4, 128, 4, aligner_blocks=2, head_blocks=3),
             Rung("cpu-l", 6, 192, 6, aligner_blocks=2, head_blocks=3)],
 }
-# The CPU ladder with a rung below it (~0.03M): the embedded IsoFLOP sweep's smallest budget is best spent on
-# a model under cpu-xs, and a profile needs sizes on both sides of its minimum
-LADDERS["cpu-isoflop"] = [Rung("cpu-2xs", 2, 16, 2, aligner_blocks=1, head_blocks=2), *LADDERS["cpu"]]
+# The name the embedded IsoFLOP spec was written with, from when cpu-2xs was not yet on the CPU ladder
+LADDERS["cpu-isoflop"] = LADDERS["cpu"]
 
 # Token and text shapes each ladder is meant for (used to count parameters for `fluidbench variants`):
 # paper = 256 tokens, aMUSEd VQ 8192 codes, SD-VAE 2x2 patches of 4 channels, T5-XXL (D 4096, 128 tokens);
