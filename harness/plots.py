@@ -65,7 +65,7 @@ def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path
                     label=f"{fit.a:.3g} N^-{fit.alpha:.3f}{offset}\nalpha 95% CI [{fit.alpha_lo:.3f}, "
                           f"{fit.alpha_hi:.3f}]")
             ax.legend(fontsize=8)
-        ax.set_xscale("log")
+        _log_x(ax, rows[x])
         ax.set_yscale("log")
         ax.set_title(variant)
         ax.set_xlabel("non-embedding parameters N" if x == "params_nonembed" else "parameters N")
@@ -73,6 +73,18 @@ def loss_vs_params(table: pd.DataFrame, fits: dict[str, PowerLawFit], path: Path
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _log_x(ax, values: pd.Series) -> None:
+    """Log x axis; under two decades, labels at 2 and 5 of each decade too, not at every minor tick (where
+    they overlap in a narrow panel)."""
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    if values.max() < 100 * values.min():
+        ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False,
+                                                                    minor_thresholds=(np.inf, np.inf)))
 
 
 def metric_vs(table: pd.DataFrame, x: str, y: str, path: Path, *, logy: bool = False, ylabel: str = "",
@@ -94,7 +106,7 @@ def metric_vs(table: pd.DataFrame, x: str, y: str, path: Path, *, logy: bool = F
     for kind, value in sorted((ceilings or {}).items()):
         ax.axhline(value, ls="--", lw=1, color=COLORS.get(f"{kind}-random", "grey"),
                    label=f"{kind} tokenizer ceiling")
-    ax.set_xscale("log")
+    _log_x(ax, data[x])
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel({"params": "parameters N", "train_flops": "training FLOPs"}.get(x, x))

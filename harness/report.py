@@ -175,7 +175,7 @@ def _quality_section(table: pd.DataFrame, ceilings: dict[str, dict], figures: di
         if key in figures:
             text += [f"![{key}]({figures[key]})", ""]
     header = ["model", *[c.removeprefix("geneval_") for c in GENEVAL_COLUMNS]]
-    rows = [[f"{r['variant']} {r['size']}", *[r[c] for c in GENEVAL_COLUMNS]] for _, r in table.iterrows()]
+    rows = [[_run_label(r), *[r[c] for c in GENEVAL_COLUMNS]] for _, r in table.iterrows()]
     for kind, ceiling in sorted(ceilings.items()):
         rows.append([f"**{kind} tokenizer ceiling**", ceiling.get("overall", np.nan),
                      *[ceiling.get(task, np.nan) for task in TASKS]])
@@ -196,6 +196,12 @@ def _quality_section(table: pd.DataFrame, ceilings: dict[str, dict], figures: di
 LATENT_STD_TOLERANCE = 0.25  # sampled latent std within 25% of the data's: the sampler stays in distribution
 
 
+def _run_label(r: pd.Series) -> str:
+    """'variant size', and ' seed N' for a further seed's run (seed 0 is the plain run)."""
+    seed = f" seed {int(r['seed'])}" if "seed" in r and pd.notna(r["seed"]) and r["seed"] else ""
+    return f"{r['variant']} {r['size']}{seed}"
+
+
 def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
     """kl runs: the moments of the latents sampled for FID beside the data's (eval/fid.json, `latents`)."""
     rows = []
@@ -205,8 +211,7 @@ def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
             continue
         sampled, data, ratio = latents["sampled"], latents["data"], latents.get("std_ratio")
         ok = ratio is not None and abs(ratio - 1) <= LATENT_STD_TOLERANCE
-        seed = f" seed {int(r['seed'])}" if "seed" in r and pd.notna(r["seed"]) and r["seed"] else ""
-        rows.append([f"{r['variant']} {r['size']}{seed}", sampled["std"], data["std"], ratio, sampled["mean_abs"],
+        rows.append([_run_label(r), sampled["std"], data["std"], ratio, sampled["mean_abs"],
                      data["mean_abs"], sampled["max_abs"], data["max_abs"], "yes" if ok else "**no**"])
     if not rows:
         return []
@@ -219,8 +224,9 @@ def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
 
 
 def _samples_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
+    first = table.sort_values("seed", kind="stable") if "seed" in table else table  # seed 0's grid for a cell
     grids = [(r["variant"], r["size"], Path("runs") / str(r["run"]) / "eval" / "samples.png")
-             for _, r in table.iterrows()]
+             for _, r in first.iterrows()]
     grids = [g for g in grids if (sweep_dir / g[2]).is_file()]
     if not grids:
         return []
@@ -230,7 +236,9 @@ def _samples_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
         text += ["One row per prompt, the same prompts and seeds for every model: "
                  + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)), ""]
     sizes = list(dict.fromkeys(table.sort_values("params")["size"]))
-    by_cell = {(v, s): path for v, s, path in grids}
+    by_cell = {}
+    for v, s, path in grids:
+        by_cell.setdefault((v, s), path)
     header = ["variant", *sizes]
     rows = [[v, *[f"![{v} {s}]({by_cell[(v, s)]})" if (v, s) in by_cell else "-" for s in sizes]]
             for v in sorted({v for v, _, _ in grids})]

@@ -164,3 +164,16 @@ def test_report_shows_each_kl_runs_sampled_latents_beside_the_data(tmp_path):
     section = text.split("## kl sampler")[1].split("##")[0]
     assert "| kl-random S | 1.1 | 1 | 1.1 |" in section and section.count("| yes |") == 1
     assert "| kl-raster S | 480 | 1 | 480 |" in section and section.count("**no**") == 1
+
+
+def test_a_second_seed_is_named_in_the_tables_and_the_grid_is_seed_zeros(tmp_path):
+    table = fixture_table().assign(seed=0)
+    extra = table[table["run"] == "kl-random-S"].assign(run="kl-random-S-seed1", seed=1, geneval_overall=0.777)
+    pd.concat([table, extra]).to_csv(tmp_path / "runs.csv", index=False)  # the further seed's row last
+    for run in ("kl-random-S", "kl-random-S-seed1"):
+        (tmp_path / "runs" / run / "eval").mkdir(parents=True)
+        (tmp_path / "runs" / run / "eval" / "samples.png").write_bytes(b"\x89PNG fake")
+    text = write_report(tmp_path, n_boot=20).read_text()
+    assert "| kl-random S seed 1 | 0.777 |" in text
+    samples = text.split("## Samples")[1]
+    assert "runs/kl-random-S/eval/samples.png" in samples and "seed1" not in samples
