@@ -194,9 +194,10 @@ class DiffusionHead(nn.Module):
         of mN equal strata of [0, S) (a random row gets each stratum), so every batch covers the schedule evenly
         and the mean over t has little sampling noise left; noise is still drawn from `generator`."""
         if weight is not None and not validation and self.skip_zero_weight_rows and z.device.type == "cpu":
-            # Rows of weight 0 (random order's known tokens, ~13% at MAR's mask ratios) add nothing to the mean,
-            # so they are not computed: -4% of a kl-random training step on one core. The row count depends on
-            # the data, a host sync, free on a CPU; on an accelerator every row runs, as in MAR.
+            # Rows of weight 0 (random order's known tokens, ~16% of rows at MAR's mask ratios) add nothing to
+            # the mean, so they are not computed: a kl-random training step 1.16x faster on one core
+            # (docs/benchmarks.md). The row count depends on the data, a host sync, free on a CPU; on an
+            # accelerator every row runs, as in MAR.
             keep = (weight > 0).nonzero().squeeze(1)
             z, target, weight = z.index_select(0, keep), target.index_select(0, keep), weight.index_select(0, keep)
         m, n, steps = self.batch_mul, z.shape[0], self.diffusion.train_steps
