@@ -100,7 +100,7 @@ def test_every_job_is_typed_with_its_config_constructed(tmp_path):
 
     jobs = plan(load_spec("embedded", out=tmp_path / "e"))
     runs = [j for j in jobs if isinstance(j, TrainRun)]
-    # 4 variants x 4 rungs + a second seed of each at cpu-xs (docs/recipe.md, the design)
+    # 4 variants x 4 rungs + a second seed of each at cpu-2xs (docs/recipe.md, section 5)
     assert len(runs) == 20 and all(isinstance(j.cfg, RunConfig) for j in runs)
     assert runs[0].cfg.train.steps == 800 and runs[0].cfg.optim.lr == 4.4e-2
     assert sum(j.cfg.train.seed == 1 for j in runs) == 4
