@@ -43,7 +43,7 @@ LADDERS = {
               Rung("1.1B", 24, 1536, 16), Rung("3.1B", 32, 2304, 24), Rung("10.5B", 34, 4096, 64)],
     # The embedded sweeps on a 2-core CPU at 64 tokens: ~0.03M to ~4M parameters. The rungs named blocks x
     # width sit between the letter sizes: the embedded sweep trains cpu-2xs / xs / 2x48 / s (27k-308k
-    # non-embedding parameters, ~2x apart) long enough that the smallest saturates (docs/recipe.md), and the
+    # non-embedding parameters, ~2x apart) for 800 steps (docs/recipe.md, section 5), and the
     # IsoFLOP sweep's smallest budget is best spent on cpu-2xs
     "cpu": [Rung("cpu-2xs", 2, 16, 2, aligner_blocks=1, head_blocks=2),
             Rung("cpu-xs", 2, 32, 2, aligner_blocks=1, head_blocks=2),
