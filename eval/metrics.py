@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from eval.geneval_rules import TASKS
-from eval.settings import (CLIPScoreSettings, CMMDSettings, FDDinoV2Settings, FIDSettings, GenEvalSettings,
-                           SamplingSettings)
+from eval.settings import (CLIPScoreSettings, CMMDSettings, ContextSettings, FDDinoV2Settings, FIDSettings,
+                           GenEvalSettings, SamplingSettings)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Metric:
     images: Callable[[Any], int]                # images it samples with these settings (the scale plan)
     times_sampling: bool = False                # its sampling pass gives the table's seconds per image
     after: tuple[str, ...] = ()                 # metrics of the same run it waits for (it reuses their samples)
+    orders: tuple[str, ...] = ()                # a sweep measures it only for variants of these orders (() = all)
 
     def run(self, run_dir: str | Path, settings: Any, sampling: SamplingSettings, **extra: Any) -> dict:
         """Evaluate `run_dir` with typed settings; writes and returns RUN/eval/<result>."""
@@ -140,7 +141,26 @@ CLIPSCORE = Metric(
     lambda s: s.n)
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (FID, FD_DINOV2, CMMD, GENEVAL, CLIPSCORE)}
+# ------------------------------------------------------------------------------------------------- context
+def _context(run_dir, settings: ContextSettings, sampling: SamplingSettings, **extra) -> dict:
+    from eval.context import eval_context
+
+    return eval_context(run_dir, **asdict(settings), **extra)  # no sampling: `sampling` is not used
+
+
+CONTEXT_COLUMNS = ("loss_no_context", "loss_full_context", "context_gain")
+
+CONTEXT = Metric(
+    "context", _context, ContextSettings, "context.json", CONTEXT_COLUMNS,
+    lambda r: {c: r.get(c) for c in CONTEXT_COLUMNS},
+    lambda r: "context " + " ".join(f"{k}:{v:.4f}" for k, v in zip(r["known"], r["loss"]))
+    + (f" gain={r['context_gain']:.3f}" if r.get("context_gain") is not None else ""),
+    "The loss on validation tokens against how many image tokens are known (raster: the position; random: "
+    "tokens known at random positions): whether a model uses its context; writes RUN/eval/context.json.",
+    lambda s: 0, orders=("random",))  # raster's curve is by position, each with its own difficulty: CLI only
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (FID, FD_DINOV2, CMMD, GENEVAL, CLIPSCORE, CONTEXT)}
 SAMPLING_COLUMNS = ("seconds_per_image", "forward_passes_per_image")
 
 

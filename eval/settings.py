@@ -120,3 +120,14 @@ class CLIPScoreSettings:
     data_path: str | None = flag(None, "--data-path", help="That data set's folder (or shard pattern).")
     model: str | None = flag(None, "--clip-model", help="open_clip architecture.")
     weights: str | None = flag(None, "--clip-weights", help="Local open_clip checkpoint.")
+
+
+@dataclass
+class ContextSettings:
+    """eval.context.eval_context: the loss against the number of image tokens known (no sampling)."""
+
+    known: str = flag("0,0.125,0.5,1", "--known", help="Comma-separated fractions of the image tokens known "
+                      "(each rounded, at most L - 1).")
+    size: int = flag(500, "--size", help="Validation images (0 = all).", min=0)
+    batch_size: int = flag(250, "--context-batch-size", help="Validation images per batch.", min=1)
+    seed: int = flag(1234, "--context-seed", help="Seed of the orders, kl token draws, timesteps and noise.")

@@ -18,7 +18,7 @@ from harness.errors import FluidbenchError
 from harness.jobs import (BuildCache, Evaluate, Job, MakeData, MakeReport, SampleGrid, TokenizerCeiling, TrainCell,
                           TrainFeatures, TrainRun, TrainTokenizer)
 from harness.schema import build, given
-from harness.spec import TOKEN_KINDS, Spec, token_kind
+from harness.spec import TOKEN_KINDS, Spec, order_kind, token_kind
 
 
 def plan(spec: Spec) -> list[Job]:
@@ -171,6 +171,8 @@ def _run_jobs(spec: Spec, variant: str, size: str, deps: list[str], feature_deps
     except FluidbenchError as e:
         raise FluidbenchError(f"train/{name}: {e}") from None
     for metric, typed in spec.eval.metrics.items():
+        if METRICS[metric].orders and order_kind(variant) not in METRICS[metric].orders:
+            continue
         settings = build(METRICS[metric].settings, eval_settings(spec, metric, bool(feature_deps)), f"eval.{metric}",
                          owner=f"eval_{metric}")
         jobs.append(Evaluate(name=f"eval/{metric}/{name}", metric=metric, run_dir=run, settings=settings,

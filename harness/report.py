@@ -103,6 +103,7 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
         text += isoflop_report.section(analyses, isoflop_report.draw(analyses, points, sweep_dir), intermediate)
     text += _quality_section(table, ceilings, figures)
     text += _latents_section(table, sweep_dir)
+    text += _context_section(table, sweep_dir)
     text += _samples_section(table, sweep_dir)
     missing = [c for c in ("fid", "geneval_overall", "clip_score") if table[c].isna().all()]
     if missing:
@@ -221,6 +222,36 @@ def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
             f"{LATENT_STD_TOLERANCE:.0%} of the data's.", "",
             markdown_table(["run", "sampled std", "data std", "ratio", "sampled mean abs", "data mean abs",
                             "sampled max abs", "data max abs", "in distribution"], rows), ""]
+
+
+def _context_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
+    """Random-order runs: the loss against the image tokens known (eval/context.json), beside the raster run of
+    the same token kind and size, whose validation loss averages over positions that know only a prefix."""
+    rows, known = [], None
+    for _, r in table.iterrows():
+        ctx = _read_json(sweep_dir / "runs" / str(r["run"]) / "eval" / "context.json")
+        if not ctx.get("loss"):
+            continue
+        known = known or ctx["known"]
+        if ctx["known"] != known:
+            continue  # another grid of counts (a hand-run evaluation): not in this table's columns
+        raster = table[(table["token_kind"] == r["token_kind"]) & (table["order"] == "raster")
+                       & (table["size"] == r["size"]) & (table["seed"].fillna(0) == 0)]
+        reference = float(raster["val_loss"].iloc[0]) if len(raster) and pd.notna(raster["val_loss"].iloc[0]) else None
+        verdict = "-" if reference is None else ("yes" if ctx["loss"][-1] <= reference else "**no**")
+        rows.append([_run_label(r), *ctx["loss"], ctx.get("context_gain"), reference, verdict])
+    if not rows:
+        return []
+    return ["## Random order: loss against the tokens known", "",
+            "Each random-order run's loss on the unknown tokens when k of the image's tokens, at random positions, "
+            "are known (eval/context.py; the variant's own loss, the validation images and seeds of the run). A "
+            "model that learned how a scene's tokens depend on each other predicts far better with its "
+            "neighbours known; one that learned only which colours a caption brings barely improves. "
+            "With all but one of the tokens known, a random-order model knows more than the raster model of the "
+            "same size does at any position, so its loss there should be at most the raster run's validation "
+            "loss (the last column; the same loss on the same tokens).", "",
+            markdown_table(["run", *[f"k = {k}" for k in known], "gain (1 - last / first)",
+                            "raster val loss", "at most raster's"], rows), ""]
 
 
 def _samples_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:

@@ -387,3 +387,10 @@ def token_kind(variant: str) -> str:
     from variants.registry import VARIANTS
 
     return VARIANTS[variant][1].token_kind
+
+
+def order_kind(variant: str) -> str:
+    """The generation order ("raster" | "random") of a variant, from the registry."""
+    from variants.registry import VARIANTS
+
+    return VARIANTS[variant][0].kind

@@ -177,3 +177,19 @@ def test_a_second_seed_is_named_in_the_tables_and_the_grid_is_seed_zeros(tmp_pat
     assert "| kl-random S seed 1 | 0.777 |" in text
     samples = text.split("## Samples")[1]
     assert "runs/kl-random-S/eval/samples.png" in samples and "seed1" not in samples
+
+
+def test_report_puts_random_orders_context_curve_beside_the_raster_loss(tmp_path):
+    table = fixture_table()
+    table.to_csv(tmp_path / "runs.csv", index=False)
+    raster = {kind: float(table[(table["run"] == f"{kind}-raster-S")]["val_loss"].iloc[0]) for kind in ("vq", "kl")}
+    for kind, last in (("vq", raster["vq"] * 0.9), ("kl", raster["kl"] * 1.2)):  # below raster's; above
+        (tmp_path / "runs" / f"{kind}-random-S" / "eval").mkdir(parents=True)
+        ctx = {"known": [0, 8, 63], "loss": [2 * last, 1.5 * last, last], "context_gain": 0.5, "seq_len": 64}
+        (tmp_path / "runs" / f"{kind}-random-S" / "eval" / "context.json").write_text(json.dumps(ctx))
+    text = write_report(tmp_path, n_boot=20).read_text()
+    section = text.split("## Random order: loss against the tokens known")[1].split("\n## ")[0]
+    assert "| k = 0 | k = 8 | k = 63 |" in section
+    vq = next(line for line in section.splitlines() if line.startswith("| vq-random S "))
+    kl = next(line for line in section.splitlines() if line.startswith("| kl-random S "))
+    assert vq.endswith("| yes |") and kl.endswith("| **no** |")

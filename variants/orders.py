@@ -76,6 +76,15 @@ class RasterOrder(nn.Module):
         inputs = torch.cat([start, x[:, :-1]], dim=1)  # (B, L, W), teacher forcing
         return backbone(inputs, ctx, text_mask, causal=True), None
 
+    def outputs_known(self, backbone: "Backbone", x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor,
+                      known: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, L, W) and the positions predicted from exactly `known` image tokens (B, L) bool: position
+        `known`, whose prefix is known (the context diagnostic, eval/context.py)."""
+        z, _ = self.outputs(backbone, x, ctx, text_mask)
+        predicted = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        predicted[:, known] = True
+        return z, predicted
+
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,
                kv_cache: bool = True, x0_clip: float | None = None,
@@ -174,13 +183,27 @@ class RandomOrder(nn.Module):
         B, L, _ = x.shape
         order = rng.permutations(B, L, generator, x.device)  # (B, L): order[b, i] = i-th position revealed
         n_masked = self.masked_counts(B, generator, x.device, validation)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=x.device).expand(B, L))
-        masked = rank >= L - n_masked  # (B, L): the last n_masked positions of each order are unknown
-        inputs = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
+        z, masked = self._masked_outputs(backbone, x, ctx, text_mask, order, L - n_masked)
         weight = masked.float()
         if validation and self.mask_ratio == "truncnorm":
             weight = weight * (L / n_masked)  # (B, L); x L keeps the weights near 1 (the mean is scale-free)
-        return backbone(inputs, ctx, text_mask, causal=False), weight
+        return z, weight
+
+    def outputs_known(self, backbone: "Backbone", x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor,
+                      known: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, L, W) and the positions predicted (B, L) bool when exactly `known` tokens of each sample, at
+        random positions, are known: every other position (the context diagnostic, eval/context.py)."""
+        order = rng.permutations(x.shape[0], self.seq_len, generator, x.device)
+        return self._masked_outputs(backbone, x, ctx, text_mask, order, known)
+
+    def _masked_outputs(self, backbone: "Backbone", x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor,
+                        order: torch.Tensor, known: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `known` positions of each `order` (B, L) hold their tokens, the rest the mask token."""
+        B, L, _ = x.shape
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=x.device).expand(B, L))
+        masked = rank >= known  # (B, L): the positions after the known ones in each order are predicted
+        inputs = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
+        return backbone(inputs, ctx, text_mask, causal=False), masked
 
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,
