@@ -68,6 +68,7 @@ class OptimConfig:
     """AdamW, the learning-rate schedule, gradient clipping and the EMA: MAR's recipe (LTH14/mar, main_mar.py)."""
     lr: float = 0.0                 # 0 = base_lr * batch_size / 256 (MAR); set it directly for the CPU ladder
     base_lr: float = 1e-4
+    lr_scale: float = 1.0           # multiplies the peak lr: a variant's factor on a per-size rule (spec per_variant)
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.02      # not on biases, norms, embeddings or the diffusion head
@@ -131,8 +132,8 @@ class RunConfig:
         return apply_overrides(cls(), values)
 
     def lr(self) -> float:
-        """The peak learning rate: set directly, or scaled from base_lr by the batch (MAR)."""
-        return self.optim.lr or self.optim.base_lr * self.train.batch_size / 256
+        """The peak learning rate: set directly, or scaled from base_lr by the batch (MAR); times lr_scale."""
+        return (self.optim.lr or self.optim.base_lr * self.train.batch_size / 256) * self.optim.lr_scale
 
     def validate(self) -> None:
         """Check values that types alone cannot; names the field on failure."""
@@ -149,7 +150,7 @@ class RunConfig:
                 if isinstance(value, float) and not math.isfinite(value):
                     raise FluidbenchError(f"config {section}.{name}={value}: must be a finite number")
         positive = ["train.steps", "train.batch_size", "train.log_every", "train.ckpt_every", "train.keep_last",
-                    "train.val_batch_size", "text.max_length"]
+                    "train.val_batch_size", "text.max_length", "optim.lr_scale"]
         non_negative = ["data.val_n", "train.val_every", "train.val_size", "optim.lr", "optim.base_lr", "optim.weight_decay",
                         "optim.warmup_steps", "optim.grad_clip", "optim.min_lr_ratio"]
         for key in positive:

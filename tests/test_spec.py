@@ -105,7 +105,12 @@ def test_every_job_is_typed_with_its_config_constructed(tmp_path):
     assert runs[0].cfg.train.steps == 800 and runs[0].cfg.optim.lr == 4.4e-2
     assert sum(j.cfg.train.seed == 1 for j in runs) == 4
     evals = [j for j in jobs if isinstance(j, Evaluate)]
-    assert {j.metric for j in evals} == {"fid", "geneval"}  # clipscore: null in the embedded spec
+    assert {j.metric for j in evals} == {"fid", "geneval", "context"}  # clipscore: null in the embedded spec
+    context = [j for j in evals if j.metric == "context"]  # random order only (eval/metrics.py, CONTEXT.orders)
+    assert len(context) == 10 and all("-random-" in j.name for j in context)
+    lr = {(j.cfg.model.variant, j.cfg.model.size): j.cfg.lr() for j in runs if j.cfg.train.seed == 0}
+    assert lr["vq-random", "cpu-s"] == pytest.approx(lr["vq-raster", "cpu-s"] / 4)  # per_variant lr_scale
+    assert lr["kl-random", "cpu-s"] == lr["vq-raster", "cpu-s"] == 1.1e-2
     for job in evals:
         assert isinstance(job.settings, METRICS[job.metric].settings)
         assert job.sampling.head_steps == 20 and job.outputs[0].endswith(METRICS[job.metric].result)

@@ -263,6 +263,10 @@ def test_schedule_ema_and_sampler():
     assert [learning_rate(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate(cfg, 9) == pytest.approx(0.55) and learning_rate(cfg, 14) == pytest.approx(0.1)
     assert ema_decay(cfg, 0) == pytest.approx(0.1) and ema_decay(cfg, 10**7) == cfg.optim.ema_decay
+    scaled = RunConfig.from_overrides({"optim.lr": 1.0, "optim.warmup_steps": 4, "optim.lr_scale": 0.25})
+    assert [learning_rate(scaled, s) for s in (0, 3, 100)] == [0.0625, 0.25, 0.25]
+    with pytest.raises(FluidbenchError, match="optim.lr_scale=0.0: must be > 0"):
+        RunConfig.from_overrides({"optim.lr_scale": 0.0}).validate()
     sampler = EpochSampler(10, 4, seed=3)
     seen = [sampler.next_batch() for _ in range(3)]
     assert len(set(torch.cat(seen[:2]).tolist())) == 8 and sampler.epoch == 1  # partial batch dropped
