@@ -139,7 +139,32 @@ def loss_envelope(curves: pd.DataFrame, frontier: pd.DataFrame, path: Path) -> s
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel("validation loss")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: the curves fill the panel
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def context_curves(curves: list[dict], path: Path) -> str | None:
+    """Random order's loss against the tokens known, one panel per token kind: a line per run (darker = larger
+    rung), and dotted at the right end the raster run's validation loss of the same rung, its reference."""
+    kinds = sorted({c["token_kind"] for c in curves})
+    if not kinds:
+        return None
+    fig, axes = _pyplot().subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
+    cmap = _pyplot().get_cmap("viridis")
+    for ax, kind in zip(axes[0], kinds):
+        runs = [c for c in curves if c["token_kind"] == kind]
+        sizes = list(dict.fromkeys(c["size"] for c in runs))  # the table's order: smallest rung first
+        for c in runs:
+            color = cmap(0.85 * sizes.index(c["size"]) / max(1, len(sizes) - 1))
+            ax.plot(c["known"], c["loss"], marker="o", color=color, label=c["label"])
+            if c["reference"] is not None:
+                ax.hlines(c["reference"], c["known"][0], c["known"][-1], colors=[color], linestyles=":")
+        ax.set_xlabel("image tokens known (k)")
+        ax.set_ylabel("loss on the unknown tokens")
+        ax.set_title(f"{kind}-random (dotted: {kind}-raster val loss)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: the curves fill the panel
     fig.tight_layout()
     return _save(fig, path)
 

@@ -227,7 +227,7 @@ def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
 def _context_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
     """Random-order runs: the loss against the image tokens known (eval/context.json), beside the raster run of
     the same token kind and size, whose validation loss averages over positions that know only a prefix."""
-    rows, known = [], None
+    rows, known, curves = [], None, []
     for _, r in table.iterrows():
         ctx = _read_json(sweep_dir / "runs" / str(r["run"]) / "eval" / "context.json")
         if not ctx.get("loss"):
@@ -240,8 +240,13 @@ def _context_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
         reference = float(raster["val_loss"].iloc[0]) if len(raster) and pd.notna(raster["val_loss"].iloc[0]) else None
         verdict = "-" if reference is None else ("yes" if ctx["loss"][-1] <= reference else "**no**")
         rows.append([_run_label(r), *ctx["loss"], ctx.get("context_gain"), reference, verdict])
+        curves.append({"label": _run_label(r), "token_kind": r["token_kind"], "size": r["size"], "known": known,
+                       "loss": ctx["loss"], "reference": reference})
     if not rows:
         return []
+    from harness import plots
+
+    figure = plots.context_curves(curves, sweep_dir / "context.png")
     return ["## Random order: loss against the tokens known", "",
             "Each random-order run's loss on the unknown tokens when k of the image's tokens, at random positions, "
             "are known (eval/context.py; the variant's own loss, the validation images and seeds of the run). A "
@@ -249,9 +254,12 @@ def _context_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
             "neighbours known; one that learned only which colours a caption brings barely improves. "
             "With all but one of the tokens known, a random-order model knows more than the raster model of the "
             "same size does at any position, so its loss there should be at most the raster run's validation "
-            "loss (the last column; the same loss on the same tokens).", "",
+            "loss (the last column; the same loss on the same tokens). MAR's mask ratios (at least 70% masked) train with "
+            "at most 30% of the tokens known, so the right of the curve is outside that training; a model trained on "
+            "every ratio (mask_ratio: cosine) shows whether the flatness is the ratios' or the model's.", "",
             markdown_table(["run", *[f"k = {k}" for k in known], "gain (1 - last / first)",
-                            "raster val loss", "at most raster's"], rows), ""]
+                            "raster val loss", "at most raster's"], rows), ""] + (
+                [f"![context]({figure})", ""] if figure else [])
 
 
 def _samples_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:

@@ -193,3 +193,4 @@ def test_report_puts_random_orders_context_curve_beside_the_raster_loss(tmp_path
     vq = next(line for line in section.splitlines() if line.startswith("| vq-random S "))
     kl = next(line for line in section.splitlines() if line.startswith("| kl-random S "))
     assert vq.endswith("| yes |") and kl.endswith("| **no** |")
+    assert "![context](context.png)" in section and (tmp_path / "context.png").stat().st_size > 0
