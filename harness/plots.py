@@ -139,7 +139,7 @@ def loss_envelope(curves: pd.DataFrame, frontier: pd.DataFrame, path: Path) -> s
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel("validation loss")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: the curves fill the panel
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -164,7 +164,7 @@ def context_curves(curves: list[dict], path: Path) -> str | None:
         ax.set_ylabel("loss on the unknown tokens")
         ax.set_title(f"{kind}-random (dotted: {kind}-raster val loss)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: the curves fill the panel
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below the curves
     fig.tight_layout()
     return _save(fig, path)
 

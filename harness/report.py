@@ -254,9 +254,10 @@ def _context_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
             "neighbours known; one that learned only which colours a caption brings barely improves. "
             "With all but one of the tokens known, a random-order model knows more than the raster model of the "
             "same size does at any position, so its loss there should be at most the raster run's validation "
-            "loss (the last column; the same loss on the same tokens). MAR's mask ratios (at least 70% masked) train with "
-            "at most 30% of the tokens known, so the right of the curve is outside that training; a model trained on "
-            "every ratio (mask_ratio: cosine) shows whether the flatness is the ratios' or the model's.", "",
+            "loss (the last column; the same loss on the same tokens). MAR's mask ratios (at least 70% masked) "
+            "train with at most 30% of the tokens known, so the right of the curve is outside that training; a "
+            "model trained on every ratio (mask_ratio: cosine) shows whether the flatness is the ratios' or the "
+            "model's.", "",
             markdown_table(["run", *[f"k = {k}" for k in known], "gain (1 - last / first)",
                             "raster val loss", "at most raster's"], rows), ""] + (
                 [f"![context]({figure})", ""] if figure else [])
