@@ -146,8 +146,12 @@ def test_a_training_job_warned_by_slurm_is_requeued_and_resumes_bit_identically(
             break
         assert time.monotonic() < deadline, f"not requeued: {state}"
         time.sleep(0.2)
+    # A requeued job waits two minutes before it may start again (Slurm's BeginTime): start it now, but not
+    # within the second of the kill: slurmd revokes the killed run's credential to the second and refuses a
+    # launch whose credential dates from that second ("Job credential revoked"; the job ends without running)
+    time.sleep(2)
+    state = _scontrol(job_id)
     while state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
-        # a requeued job waits two minutes before it may start again (Slurm's BeginTime): start it now
         subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], capture_output=True, timeout=60)
         time.sleep(1)
         state = _scontrol(job_id)
