@@ -525,3 +525,62 @@ def test_ladder_counts_match_a_real_build():
     real = build_variant("kl-random", "cpu-xs", **shapes)
     counted = next(r for r in ladder_table("cpu") if r["name"] == "cpu-xs")
     assert counted["params"]["kl-random"] == sum(p.numel() for p in real.parameters())
+
+
+# ---- the grid bias (model.options.grid_bias) ------------------------------------------------------------------
+
+def test_grid_bias_is_minus_slope_times_the_distance_on_the_grid():
+    from variants.backbone import grid_bias
+    b = grid_bias(16, 3, 2.0)  # a 4 x 4 grid
+    assert b.shape == (3, 16, 16)
+    torch.testing.assert_close(b, b.transpose(1, 2))
+    assert b.diagonal(dim1=1, dim2=2).abs().max() == 0
+    assert b[0, 0, 1] == -2.0 and b[0, 0, 4] == -2.0  # right and below: distance 1
+    torch.testing.assert_close(b[0, 0, 5], torch.tensor(-2.0 * 2 ** 0.5))  # diagonal
+    torch.testing.assert_close(b[0, 0, 15], torch.tensor(-2.0 * 18 ** 0.5))
+    torch.testing.assert_close(b[1], b[0] / 2)
+    torch.testing.assert_close(b[2], b[0] / 4)
+    with pytest.raises(ValueError, match="square token grid"):
+        tiny("vq-random", seq_len=12, grid_bias=1.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grid_bias_changes_the_outputs_but_not_the_state_dict(name):
+    plain, biased = tiny(name), tiny(name, grid_bias=1.0)
+    assert plain.state_dict().keys() == biased.state_dict().keys()  # fixed: checkpoints carry no bias
+    biased.load_state_dict(plain.state_dict())
+    tokens, text, mask = batch(plain)
+    z, _ = plain.outputs(tokens, text, mask, generator=gen(1))
+    zb, _ = biased.outputs(tokens, text, mask, generator=gen(1))
+    assert (z - zb).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["vq-raster", "kl-raster"])
+def test_grid_bias_keeps_raster_causal_and_the_kv_cache_exact(name):
+    v = tiny(name, grid_bias=1.0).eval()
+    tokens, text, mask = batch(v)
+    z, _ = v.outputs(tokens, text, mask)
+    t = 6
+    changed = tokens.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % V if v.token_kind == "vq" else changed[:, t + 1] + 1.0
+    z2, _ = v.outputs(changed, text, mask)
+    torch.testing.assert_close(z2[:, : t + 2], z[:, : t + 2], rtol=0, atol=1e-6)
+    assert not torch.allclose(z2[:, t + 2:], z[:, t + 2:])
+    cached = v.sample(text, mask, cfg_scale=2.0, generator=gen(5))
+    full = v.sample(text, mask, cfg_scale=2.0, generator=gen(5), kv_cache=False)
+    if v.token_kind == "vq":
+        assert torch.equal(cached, full)
+    else:
+        torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+
+
+def test_grid_bias_in_the_sampling_pass_that_reads_some_positions_equals_the_full_pass():
+    v = tiny("kl-random", grid_bias=1.0).eval()
+    bb = v.backbone
+    x, text = torch.randn(3, L, bb.width, generator=gen(2)), torch.randn(3, T, D, generator=gen(3))
+    with torch.no_grad():
+        ctx, tmask = bb.encode_text(text, torch.ones(3, T, dtype=torch.bool))
+        ref = bb(x, ctx, tmask, causal=False)
+        positions = torch.tensor([[0, 5], [15, 2], [7, 7]])
+        fast = bb(x, ctx, None, causal=False, text_kv=bb.text_kv(ctx), positions=positions)
+    torch.testing.assert_close(fast, ref.gather(1, positions[..., None].expand(-1, -1, bb.width)))

@@ -10,6 +10,7 @@ T and batches mix conditional and null rows without reshaping.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +30,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, *, causal: bool = False, key_mask: torch.Tensor | None = None,
-                cache: "LayerCache | None" = None, pos: int = 0, queries: torch.Tensor | None = None) -> torch.Tensor:
+                cache: "LayerCache | None" = None, pos: int = 0, queries: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         """`queries` (B, n) positions: outputs (B, n, W) there only, keys and values from every position
-        (bidirectional attention only)."""
+        (bidirectional attention only). `bias` (H, L, L): added to the attention logits of query position i
+        and key position j (`grid_bias`), whichever of the paths below runs."""
         B, N, W = x.shape
         if queries is None:
             q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
@@ -54,8 +57,43 @@ class SelfAttention(nn.Module):
             # latest position, so it may see every cached key: no mask at all.
             causal = False
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
+        if bias is not None:
+            if key_mask is not None:
+                raise ValueError("a position bias is for the image tokens, not padded text")
+            mask = self._bias_rows(bias, k.shape[2], cache=cache, pos=pos, queries=queries,
+                                   n=N, causal=causal).to(q.dtype)
+            causal = False  # in the mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, N, hd)
         return self.proj(y.transpose(1, 2).reshape(B, N, W))
+
+    @staticmethod
+    def _bias_rows(bias: torch.Tensor, keys: int, *, cache, pos: int, queries: torch.Tensor | None, n: int,
+                   causal: bool) -> torch.Tensor:
+        """The rows of `bias` (H, L, L) for this call's queries, over its `keys` key positions 0..keys-1."""
+        if queries is not None:
+            return bias[:, queries, :keys].transpose(0, 1)  # (B, H, n, keys)
+        if cache is not None:
+            return bias[None, :, pos:pos + n, :keys]  # (1, H, n, keys): the queries at pos..pos+n-1
+        rows = bias[None, :, :n, :keys]  # (1, H, n, n)
+        if causal:
+            rows = rows.masked_fill(torch.ones(n, keys, dtype=torch.bool, device=bias.device).triu(1), float("-inf"))
+        return rows
+
+
+def grid_bias(seq_len: int, heads: int, slope: float) -> torch.Tensor:
+    """A fixed 2D distance bias on the square token grid (ALiBi, Press et al. 2022, on the image plane):
+    -m_h * |p_i - p_j| with p the (row, column) of a position, |.| Euclidean, m_h = slope * 2^-h for head h.
+    Head 0 favours its neighbours at once, the later heads less and less (the last nearly global), and q . k
+    can still override it. Not in MAR or Fluid (learned absolute positions only): an inductive bias for
+    models trained briefly, where random order does not learn position-based attention (docs/recipe.md)."""
+    side = math.isqrt(seq_len)
+    if side * side != seq_len:
+        raise ValueError(f"grid_bias needs a square token grid, got {seq_len} tokens")
+    r = torch.arange(seq_len)
+    y, x = (r // side).double(), (r % side).double()
+    dist = ((y[:, None] - y[None]) ** 2 + (x[:, None] - x[None]) ** 2).sqrt()  # (L, L)
+    m = slope * 2.0 ** -torch.arange(heads, dtype=torch.float64)
+    return (-m[:, None, None] * dist).float()  # (H, L, L)
 
 
 class CrossAttention(nn.Module):
@@ -120,9 +158,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor | None, *, causal: bool = False,
                 cache: "LayerCache | None" = None, pos: int = 0,
                 text_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`positions` (B, n): return only those positions' outputs (B, n, W) (the last block of a pass whose
-        other outputs nobody reads)."""
+        other outputs nobody reads). `bias`: the self-attention's position bias (H, L, L) or None."""
         # The text K/V is computed inside forward (FSDP2 unshards a block's weights only around its forward);
         # when decoding, once per sample, on the first step; `text_kv` given: computed once by the caller
         # (random-order sampling, whose passes all see the same text).
@@ -133,10 +171,10 @@ class Block(nn.Module):
                 cache.text_kv = self.cross.text_kv(ctx)
             text_kv = cache.text_kv
         if positions is None:
-            x = x + self.attn(self.norm1(x), causal=causal, cache=cache, pos=pos)
+            x = x + self.attn(self.norm1(x), causal=causal, cache=cache, pos=pos, bias=bias)
         else:  # only these positions' outputs are wanted: every later operation is per position
             x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1])) + self.attn(
-                self.norm1(x), causal=causal, cache=cache, pos=pos, queries=positions)
+                self.norm1(x), causal=causal, cache=cache, pos=pos, queries=positions, bias=bias)
         x = x + self.cross(self.norm2(x), text_kv, text_mask)
         return x + self.mlp(self.norm3(x))
 
@@ -163,7 +201,7 @@ class Backbone(nn.Module):
     """Text aligner + learned positions + `blocks` transformer blocks + final LayerNorm."""
 
     def __init__(self, *, seq_len: int, width: int, blocks: int, heads: int, text_dim: int, aligner_blocks: int,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0, grid_bias_slope: float = 0.0):
         super().__init__()
         self.seq_len, self.width = seq_len, width
         self.text_proj = nn.Linear(text_dim, width)
@@ -173,6 +211,9 @@ class Backbone(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(blocks))
         self.norm = nn.LayerNorm(width)
+        # grid_bias_slope > 0: every image self-attention adds grid_bias (fixed, so not in the state dict)
+        self.register_buffer("attn_bias", grid_bias(seq_len, heads, grid_bias_slope) if grid_bias_slope > 0
+                             else None, persistent=False)
 
     def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor,
                     drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +248,7 @@ class Backbone(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, text_mask, causal=causal, text_kv=None if text_kv is None else text_kv[i],
-                      positions=positions if i == last else None)
+                      positions=positions if i == last else None, bias=self.attn_bias)
         if positions is not None and not self.blocks:
             x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
         return self.norm(x)
@@ -227,6 +268,6 @@ class Backbone(nn.Module):
             raise ValueError(f"KV cache is full: {self.seq_len} positions already decoded")
         x = x + self.pos_embed[:, pos:pos + 1]
         for block, layer in zip(self.blocks, cache.layers):
-            x = block(x, cache.ctx, cache.text_mask, cache=layer, pos=pos)
+            x = block(x, cache.ctx, cache.text_mask, cache=layer, pos=pos, bias=self.attn_bias)
         cache.length = pos + 1
         return self.norm(x)

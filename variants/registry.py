@@ -76,6 +76,7 @@ OPTIONS = {
     "head_blocks": None,          # diffusion head depth
     "head_width": None,           # diffusion head width; None: the backbone width
     "mlp_ratio": 4.0,
+    "grid_bias": 0.0,             # > 0: a fixed 2D distance bias in image self-attention, head h slope grid_bias * 2^-h
     "diffusion_batch_mul": 4,     # MAR: each target repeated 4x with independent t and noise
     "diffusion_steps": 1000,      # training timesteps
     "mask_ratio": "truncnorm",    # random order: "truncnorm" (MAR, per batch) or "cosine" (MaskGIT, per sample)
@@ -118,7 +119,8 @@ def build_variant(name: str, size: str, *, seq_len: int, vocab_size: int, token_
     order_cls, head_cls = VARIANTS[name]
     W = rung.width
     backbone = Backbone(seq_len=seq_len, width=W, blocks=rung.blocks, heads=rung.heads, text_dim=text_dim,
-                        aligner_blocks=rung.aligner_blocks, mlp_ratio=o["mlp_ratio"])
+                        aligner_blocks=rung.aligner_blocks, mlp_ratio=o["mlp_ratio"],
+                        grid_bias_slope=float(o["grid_bias"]))
     if order_cls is RandomOrder:
         order = RandomOrder(W, seq_len, mask_ratio=o["mask_ratio"], mask_ratio_min=o["mask_ratio_min"],
                             default_steps=o["steps"])
