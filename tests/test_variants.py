@@ -542,6 +542,9 @@ def test_grid_bias_is_minus_slope_times_the_distance_on_the_grid():
     torch.testing.assert_close(b[2], b[0] / 4)
     with pytest.raises(ValueError, match="square token grid"):
         tiny("vq-random", seq_len=12, grid_bias=1.0)
+    for bad in (-1.0, "1"):
+        with pytest.raises(ValueError, match="grid_bias must be a number >= 0"):
+            tiny("vq-random", grid_bias=bad)
 
 
 @pytest.mark.parametrize("name", NAMES)

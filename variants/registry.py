@@ -113,6 +113,8 @@ def build_variant(name: str, size: str, *, seq_len: int, vocab_size: int, token_
     if unknown:
         raise ValueError(f"unknown variant option {unknown[0]!r}: choose from {', '.join(OPTIONS)}")
     o = OPTIONS | options
+    if not isinstance(o["grid_bias"], (int, float)) or o["grid_bias"] < 0:
+        raise ValueError(f"grid_bias must be a number >= 0 (0 = off), got {o['grid_bias']!r}")
     if o["head_solver"] not in SOLVERS:
         raise ValueError(f"head_solver must be one of {', '.join(SOLVERS)}, got {o['head_solver']!r}")
     rung = replace(find_rung(size, ladder), **{k: o[k] for k in RUNG_FIELDS if o[k] is not None})
