@@ -116,9 +116,10 @@ def test_state_dict_keys_are_unchanged_by_the_fast_path():
     assert not any("one" in k for k in keys)
 
 
-def test_backbone_positions_text_kv_and_no_mask_equal_the_full_pass():
+@pytest.mark.parametrize("grid_bias", [0.0, 1.0])
+def test_backbone_positions_text_kv_and_no_mask_equal_the_full_pass(grid_bias):
     torch.manual_seed(0)
-    v = build_variant("kl-random", "cpu-xs", seq_len=16, vocab_size=8, token_dim=4, text_dim=12)
+    v = build_variant("kl-random", "cpu-xs", seq_len=16, vocab_size=8, token_dim=4, text_dim=12, grid_bias=grid_bias)
     bb = v.backbone
     x, text = torch.randn(3, 16, bb.width), torch.randn(3, 5, 12)
     full_mask = torch.ones(3, 5, dtype=torch.bool)
