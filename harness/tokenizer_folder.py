@@ -32,6 +32,10 @@ class TokenizerTrainOptions:
     latent_channels: int | None = None  # kl latent channels / vq code dimension
     batch_size: int | None = None
     lr: float | None = None
+    blank_fraction: float = 0.0         # this share of the training images replaced by blank ones (every pixel the
+                                        # data's background; every k-th image, k = round(1 / fraction)): ShapesT2I
+                                        # has no image without an object, and a tokenizer that never saw one
+                                        # decodes an all-background token grid as texture (docs/recipe.md, 7)
     threads: int = 0                    # torch threads while training (0 = this process's torch thread count: in a
                                         # sweep the job's threads; never the machine's load, which would make
                                         # the tokenizer, and every result after it, depend on what else ran)
@@ -50,9 +54,14 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
                    "--grid": (o.grid, 1), "--patch": (o.patch, 1), "--codebook-size": (o.codebook_size, 2),
                    "--latent-channels": (o.latent_channels, 1), "--batch-size": (o.batch_size, 1),
                    "--lr": (o.lr, 1e-12), "--threads": (o.threads, 0)})
+    if not 0 <= o.blank_fraction < 1:
+        raise FluidbenchError(f"--blank-fraction must be in [0, 1), got {o.blank_fraction}")
     threads = o.threads or _default_threads()
     train_images, _ = _shapes_images(data, "train")
     val_images, val_root = _shapes_images(data, "val")
+    background = _background(data)
+    if o.blank_fraction > 0:
+        train_images = with_blanks(train_images, o.blank_fraction, background)
     try:
         cfg = default_config(kind, image_size=train_images.shape[-1], grid=o.grid, patch=o.patch,
                              codebook_size=o.codebook_size, steps=o.steps, time_budget_s=o.budget_s,
@@ -62,6 +71,7 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
         raise FluidbenchError(f"tokenizer settings: {e}") from None
     tokenizer, stats = train_tokenizer(cfg, train_images, log=_progress(cfg))
     metrics = evaluate_reconstruction(tokenizer, val_images, shapes=True)
+    metrics["blank_psnr"] = blank_psnr(tokenizer, background)
     metrics.update(steps=stats["steps"], train_s=round(stats["train_s"], 1), train_cpu_s=round(stats["cpu_s"], 1),
                    steps_per_s=round(stats["steps_per_s"], 3), threads=threads, over_budget=stats["over_budget"],
                    final_loss=stats["final_loss"], config=stats["config"], data=str(val_root.resolve()),
@@ -79,6 +89,32 @@ def _default_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def with_blanks(images, fraction: float, background: list[int]):
+    """`images` (N, 3, H, W) uint8 with every k-th one (k = round(1 / fraction), from index 0) made blank."""
+    import torch
+
+    out = images.clone()
+    out[::max(1, round(1 / fraction))] = torch.tensor(background, dtype=images.dtype).view(3, 1, 1)
+    return out
+
+
+def blank_psnr(tokenizer, background: list[int]) -> float:
+    """PSNR (dB) of a blank image's reconstruction: high when the tokenizer can represent "no object"."""
+    import torch
+
+    from variants.tokenizer_train import psnr, reconstruct
+
+    size = tokenizer.image_size
+    blank = torch.tensor(background, dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, size, size).contiguous()
+    return float(psnr(blank, reconstruct(tokenizer, blank)[0])[0])
+
+
+def _background(data: Path) -> list[int]:
+    from harness.data.shapes import ShapesDataset
+
+    return list(ShapesDataset(data, "val").manifest["background"])
 
 
 def _shapes_images(data: Path, split: str):

@@ -316,3 +316,33 @@ def test_default_threads_are_the_processs_never_the_machine_load(tmp_path, monke
     finally:
         torch.set_num_threads(threads)
     assert metrics["threads"] == 2
+
+
+def test_blank_fraction_trains_on_blank_images_and_measures_a_blank_reconstruction(tmp_path, capsys, monkeypatch):
+    """`--blank-fraction F` makes every round(1/F)-th training image the data's background and nothing else (so
+    the tokenizer sees "no object"); every tokenizer's metrics carry the PSNR of a blank image's reconstruction;
+    a fraction outside [0, 1) is one line naming the flag, before any training."""
+    import variants.tokenizer_train as trainer
+    from harness.data.shapes import write_shapes
+
+    write_shapes(tmp_path / "shapes", n_train=20, n_val=4, progress=False)
+    background = json.loads((tmp_path / "shapes" / "manifest.json").read_text())["background"]
+    seen, original = {}, trainer.train_tokenizer
+
+    def spy(cfg, images, log=None):  # what the training loop is given
+        seen["images"] = images.clone()
+        return original(cfg, images, log=log)
+
+    monkeypatch.setattr(trainer, "train_tokenizer", spy)
+    data = str(tmp_path / "shapes")
+    assert 0 == _cli(["tokenizer", "train", "--kind", "kl", "--data", data, "--out", str(tmp_path / "tok"),
+                      "--steps", "2", "--batch-size", "2", "--blank-fraction", "0.25"])
+    blank = torch.tensor(background, dtype=torch.uint8).view(3, 1, 1)
+    is_blank = (seen["images"] == blank).flatten(1).all(1)
+    assert is_blank.nonzero().flatten().tolist() == [0, 4, 8, 12, 16]  # every 4th from index 0, nothing else
+    metrics = json.loads((tmp_path / "tok" / "metrics.json").read_text())
+    assert isinstance(metrics["blank_psnr"], float)
+
+    assert 2 == _cli(["tokenizer", "train", "--kind", "kl", "--data", data, "--out", str(tmp_path / "tok2"),
+                      "--blank-fraction", "1"])
+    assert "--blank-fraction" in capsys.readouterr().err and not (tmp_path / "tok2").exists()

@@ -36,6 +36,10 @@ def register(app: typer.Typer) -> None:
                                                       help="kl latent channels / vq code dimension"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
         lr: Optional[float] = typer.Option(None, "--lr"),
+        blank_fraction: float = typer.Option(0.0, "--blank-fraction",
+                                             help="share of training images made blank (the data's background "
+                                                  "only), so the tokenizer can represent an image without an "
+                                                  "object [default: 0]"),
         threads: int = typer.Option(0, "--threads", help="torch threads while training (0 = torch's default, "
                                                           "one per core; the count is part of the result: sums "
                                                           "split over threads round differently)"),
@@ -45,7 +49,8 @@ def register(app: typer.Typer) -> None:
 
         options = TokenizerTrainOptions(steps=steps, budget_s=budget_s, min_steps=min_steps, seed=seed, grid=grid,
                                         patch=patch, codebook_size=codebook_size, latent_channels=latent_channels,
-                                        batch_size=batch_size, lr=lr, threads=threads)
+                                        batch_size=batch_size, lr=lr, blank_fraction=blank_fraction,
+                                        threads=threads)
         metrics = train_tokenizer_folder(kind, data, out, options)
         _print_metrics(metrics, f"{out}/metrics.json")
 
@@ -94,7 +99,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_metrics(metrics: dict, where: str) -> None:
-    shown = {k: metrics[k] for k in ("kind", "psnr", "codebook_usage", "oracle_exact", "rfid", "steps", "train_s",
+    shown = {k: metrics[k] for k in ("kind", "psnr", "blank_psnr", "codebook_usage", "oracle_exact", "rfid", "steps", "train_s",
                                      "steps_per_s", "wall_s") if k in metrics}
     print(json.dumps(shown, indent=2))
     print(f"wrote {where}")
