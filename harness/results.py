@@ -115,7 +115,7 @@ def read_ceilings(sweep_dir: str | Path) -> dict[str, dict]:
     """Each tokenizer's GenEval ceiling (true scenes through encode/decode), by token kind."""
     out = {}
     for path in sorted(Path(sweep_dir).glob("tokenizers/*/ceiling.json")):
-        metrics = _read_json(path.parent / "metrics.json")  # our own tokenizers: PSNR, codebook use, oracle_exact
-        out[path.parent.name] = {**{k: metrics[k] for k in ("psnr", "codebook_usage", "oracle_exact")
+        metrics = _read_json(path.parent / "metrics.json")  # ours: PSNR, blank PSNR, codebook use, oracle_exact
+        out[path.parent.name] = {**{k: metrics[k] for k in ("psnr", "blank_psnr", "codebook_usage", "oracle_exact")
                                     if k in metrics}, **_read_json(path)}
     return out

@@ -68,6 +68,7 @@ def test_report_renders_from_fixture_table(tmp_path):
     fixture_table().to_csv(tmp_path / "runs.csv", index=False)  # no clip_score column, like the embedded sweep
     (tmp_path / "tokenizers" / "vq").mkdir(parents=True)
     (tmp_path / "tokenizers" / "vq" / "ceiling.json").write_text(json.dumps({"overall": 0.93, "counting": 0.81}))
+    (tmp_path / "tokenizers" / "vq" / "metrics.json").write_text(json.dumps({"psnr": 29.5, "blank_psnr": 23.0}))
     (tmp_path / "runs" / "kl-random-S" / "eval").mkdir(parents=True)
     (tmp_path / "runs" / "kl-random-S" / "eval" / "samples.png").write_bytes(b"\x89PNG fake")
     out = write_report(tmp_path, n_boot=100)
@@ -77,6 +78,7 @@ def test_report_renders_from_fixture_table(tmp_path):
         assert f"]({png})" in text
     assert "kl-random | 0.15" in text  # the fitted alpha of each variant, in the fit table
     assert "vq tokenizer ceiling** | 0.93" in text
+    assert "| vq | 29.5 | 23 |" in text  # the tokenizer table: val PSNR, then the blank image's PSNR
     assert "runs/kl-random-S/eval/samples.png" in text
     assert "No values for clip_score" in text
     table = read_table(tmp_path)

@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_metrics(metrics: dict, where: str) -> None:
-    shown = {k: metrics[k] for k in ("kind", "psnr", "blank_psnr", "codebook_usage", "oracle_exact", "rfid", "steps", "train_s",
-                                     "steps_per_s", "wall_s") if k in metrics}
+    shown = {k: metrics[k] for k in ("kind", "psnr", "blank_psnr", "codebook_usage", "oracle_exact", "rfid", "steps",
+                                     "train_s", "steps_per_s", "wall_s") if k in metrics}
     print(json.dumps(shown, indent=2))
     print(f"wrote {where}")
