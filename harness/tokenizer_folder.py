@@ -58,8 +58,8 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
         raise FluidbenchError(f"--blank-fraction must be in [0, 1), got {o.blank_fraction}")
     threads = o.threads or _default_threads()
     train_images, _ = _shapes_images(data, "train")
-    val_images, val_root = _shapes_images(data, "val")
-    background = _background(data)
+    val_images, val_manifest = _shapes_images(data, "val")
+    background = _background(val_manifest, data)
     if o.blank_fraction > 0:
         train_images = with_blanks(train_images, o.blank_fraction, background)
     try:
@@ -74,7 +74,7 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
     metrics["blank_psnr"] = blank_psnr(tokenizer, background)
     metrics.update(steps=stats["steps"], train_s=round(stats["train_s"], 1), train_cpu_s=round(stats["cpu_s"], 1),
                    steps_per_s=round(stats["steps_per_s"], 3), threads=threads, over_budget=stats["over_budget"],
-                   final_loss=stats["final_loss"], config=stats["config"], data=str(val_root.resolve()),
+                   final_loss=stats["final_loss"], config=stats["config"], data=str(data.resolve()),
                    kind=tokenizer.kind, seq_len=tokenizer.seq_len, vocab_size=tokenizer.vocab_size,
                    token_dim=tokenizer.token_dim, checksum=tokenizer.checksum)
     metrics["wall_s"] = round(time.perf_counter() - start, 1)
@@ -111,21 +111,24 @@ def blank_psnr(tokenizer, background: list[int]) -> float:
     return float(psnr(blank, reconstruct(tokenizer, blank)[0])[0])
 
 
-def _background(data: Path) -> list[int]:
-    from harness.data.shapes import ShapesDataset
-
-    return list(ShapesDataset(data, "val").manifest["background"])
+def _background(manifest: dict, data: Path) -> list[int]:
+    """The data's background RGB, from its manifest (what a blank image is made of)."""
+    background = manifest.get("background")
+    if not (isinstance(background, list) and len(background) == 3):
+        raise FluidbenchError(f"{data / 'manifest.json'}: 'background' must be an RGB list of 3 values, got "
+                              f"{background!r}")
+    return background
 
 
 def _shapes_images(data: Path, split: str):
-    """A ShapesT2I split as one uint8 tensor (N, 3, H, W), plus the data folder."""
+    """A ShapesT2I split as one uint8 tensor (N, 3, H, W), plus the data folder's manifest."""
     import numpy as np
     import torch
 
     from harness.data.shapes import ShapesDataset
 
     ds = ShapesDataset(data, split)
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(ds.images).transpose(0, 3, 1, 2))), data
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(ds.images).transpose(0, 3, 1, 2))), ds.manifest
 
 
 def _progress(cfg):

@@ -346,3 +346,11 @@ def test_blank_fraction_trains_on_blank_images_and_measures_a_blank_reconstructi
     assert 2 == _cli(["tokenizer", "train", "--kind", "kl", "--data", data, "--out", str(tmp_path / "tok2"),
                       "--blank-fraction", "1"])
     assert "--blank-fraction" in capsys.readouterr().err and not (tmp_path / "tok2").exists()
+
+    manifest = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
+    del manifest["background"]  # a data folder whose manifest lacks it: one line naming the file, nothing written
+    (tmp_path / "shapes" / "manifest.json").write_text(json.dumps(manifest))
+    assert 2 == _cli(["tokenizer", "train", "--kind", "kl", "--data", data, "--out", str(tmp_path / "tok3"),
+                      "--steps", "1"])
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "'background'" in err and not (tmp_path / "tok3").exists()
