@@ -80,6 +80,8 @@ class Profile:
     interior: bool                   # N_opt inside the sizes measured (else an extrapolation)
     sizes: int
     with_minimum: float              # fraction of bootstrap resamples whose parabola has a minimum
+    n_min: float = math.nan          # the smallest and largest size run at this budget
+    n_max: float = math.nan
 
     def predict(self, n: np.ndarray | float) -> np.ndarray:
         return np.polyval(self.coef, np.log(np.asarray(n, dtype=np.float64)))
@@ -119,7 +121,7 @@ class Frontier:
     """The IsoFLOP profiles of one variant and N_opt(C), L_opt(C) as power laws."""
 
     profiles: list[Profile]
-    n_opt: PowerLaw | None           # None with fewer than two budgets that have a minimum
+    n_opt: PowerLaw | None           # None with fewer than two budgets whose minimum is inside the sizes
     l_opt: PowerLaw | None
     sigma: float                     # the loss noise the bootstrap adds
     sigma_from: str                  # "profiles" | "parametric fit" | "given"
@@ -172,20 +174,25 @@ def isoflop_frontier(n, loss, budget, *, sigma: float | None = None, sigma_from:
             n_opt_lo=_interval(boot[:, j, 0])[0], n_opt_hi=_interval(boot[:, j, 0])[1],
             l_opt_lo=_interval(boot[:, j, 1])[0], l_opt_hi=_interval(boot[:, j, 1])[1],
             interior=bool(n[at].min() <= n_opt <= n[at].max()) if math.isfinite(n_opt) else False,
-            sizes=len(np.unique(n[at])), with_minimum=float(np.isfinite(boot[:, j, 0]).mean()) if n_boot else math.nan))
+            sizes=len(np.unique(n[at])), with_minimum=float(np.isfinite(boot[:, j, 0]).mean()) if n_boot else math.nan,
+            n_min=float(n[at].min()), n_max=float(n[at].max())))
 
+    # The frontier is fitted on the budgets whose minimum lies inside the sizes run: an extrapolated vertex is
+    # the parabola's guess, not a measurement (it can sit decades away, with an interval to match), and one
+    # such point would set the exponent
     c_arr = np.array(budgets)
+    inside = np.array([p.interior for p in profiles])
     laws = []
     for k in (0, 1):
-        point = _power_law(c_arr, vertices[:, k])
+        point = _power_law(c_arr[inside], vertices[inside, k])
         if point is None:
             laws.append(None)
             continue
-        samples = [s for s in (_power_law(c_arr, boot[i, :, k]) for i in range(n_boot)) if s is not None]
+        samples = [s for s in (_power_law(c_arr[inside], boot[i, inside, k]) for i in range(n_boot)) if s is not None]
         samples = np.array(samples).reshape(-1, 2)
         lo, hi = _interval(samples[:, 1])
         laws.append(PowerLaw(k=math.exp(point[0]), a=point[1], a_lo=lo, a_hi=hi,
-                             points=int(np.isfinite(vertices[:, k]).sum()), boot=samples))
+                             points=int(np.isfinite(vertices[inside, k]).sum()), boot=samples))
     return Frontier(profiles=profiles, n_opt=laws[0], l_opt=laws[1], sigma=float(sigma), sigma_from=sigma_from,
                     n_boot=n_boot)
 

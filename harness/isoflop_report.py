@@ -229,22 +229,38 @@ def draw(analyses: dict[str, VariantAnalysis], points: pd.DataFrame, out_dir: Pa
     figures = {}
     fig, axes = _panels(len(with_profiles), (5.2, 4))
     cmap = plt.get_cmap("viridis")
+    from matplotlib.ticker import NullFormatter
+
     for ax, (variant, analysis) in zip(axes, sorted(with_profiles.items())):
         profiles = analysis.frontier.profiles
+        sizes = points.loc[(points["variant"] == variant) & points["final"], "params"]
+        # the axis spans the sizes run, 3x either side: an extrapolated minimum (or its interval) can lie decades
+        # away and would squeeze every measured point into a corner; it is drawn as a triangle at the edge
+        x_lo, x_hi = sizes.min() / 3, sizes.max() * 3
         for i, profile in enumerate(profiles):
             color = cmap(i / max(len(profiles) - 1, 1) * 0.85)
             at = points[(points["variant"] == variant) & (points["budget"] == profile.budget) & points["final"]]
             ax.scatter(at["params"], at["loss"], color=color, zorder=3, s=18)
             n = np.geomspace(at["params"].min() / 1.5, at["params"].max() * 1.5, 60)
             ax.plot(n, profile.predict(n), color=color, lw=1.2, label=f"C = {profile.budget:.2g}")
-            if math.isfinite(profile.n_opt):
+            if not math.isfinite(profile.n_opt):
+                continue
+            if x_lo <= profile.n_opt <= x_hi:
                 xerr = None
                 if math.isfinite(profile.n_opt_lo):
-                    xerr = [[profile.n_opt - profile.n_opt_lo], [profile.n_opt_hi - profile.n_opt]]
+                    lo, hi = max(profile.n_opt_lo, x_lo), min(profile.n_opt_hi, x_hi)
+                    xerr = [[profile.n_opt - lo], [hi - profile.n_opt]]
                 ax.errorbar([profile.n_opt], [profile.l_opt], xerr=xerr, fmt="*", color=color, ms=11, capsize=3,
                             mec="black", mew=0.5, zorder=4)
+            else:
+                edge = x_lo * 1.08 if profile.n_opt < x_lo else x_hi / 1.08
+                ax.plot([edge], [float(profile.predict(edge))], marker="<" if profile.n_opt < x_lo else ">",
+                        color=color, ms=9, mec="black", mew=0.5, zorder=4, ls="none")
         ax.set_xscale("log")
-        ax.set_title(f"{variant}: IsoFLOP profiles (star: N_opt, 95% CI)")
+        ax.set_xlim(x_lo, x_hi)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{variant}: IsoFLOP profiles\n(star: N_opt, 95% CI; triangle: N_opt beyond the axis)",
+                     fontsize=10)
         ax.set_xlabel("parameters N")
         ax.set_ylabel("validation loss")
         ax.grid(True, which="both", alpha=0.3)
@@ -255,17 +271,22 @@ def draw(analyses: dict[str, VariantAnalysis], points: pd.DataFrame, out_dir: Pa
     fig, (ax_n, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant, analysis in sorted(with_profiles.items()):
         f = analysis.frontier
-        found = [p for p in f.profiles if math.isfinite(p.n_opt)]
-        if not found:
+        found = [p for p in f.profiles if math.isfinite(p.n_opt) and p.interior]
+        outside = [p for p in f.profiles if math.isfinite(p.n_opt) and not p.interior]
+        if not found and not outside:
             continue
         color = COLORS.get(variant)
-        c = np.array([p.budget for p in found])
+        c = np.array([p.budget for p in found] or [p.budget for p in outside])
         for ax, key, law in ((ax_n, "n_opt", f.n_opt), (ax_l, "l_opt", f.l_opt)):
-            y = np.array([getattr(p, key) for p in found])
-            lo = np.array([getattr(p, f"{key}_lo") for p in found])
-            hi = np.array([getattr(p, f"{key}_hi") for p in found])
-            yerr = np.vstack([y - lo, hi - y]) if np.isfinite(lo).all() and np.isfinite(hi).all() else None
-            ax.errorbar(c, y, yerr=yerr, fmt="o", color=color, capsize=3, label=variant)
+            if found:
+                y = np.array([getattr(p, key) for p in found])
+                lo = np.array([getattr(p, f"{key}_lo") for p in found])
+                hi = np.array([getattr(p, f"{key}_hi") for p in found])
+                yerr = np.vstack([y - lo, hi - y]) if np.isfinite(lo).all() and np.isfinite(hi).all() else None
+                ax.errorbar([p.budget for p in found], y, yerr=yerr, fmt="o", color=color, capsize=3, label=variant)
+            if outside:   # the parabola's extrapolated vertex: shown, not fitted
+                ax.plot([p.budget for p in outside], [getattr(p, key) for p in outside], "o", mfc="none",
+                        color=color, ls="none", label=f"{variant}: minimum outside the sizes (not fitted)")
             if law is not None:
                 grid = np.geomspace(c.min() / 1.5, c.max() * 4, 40)
                 ax.plot(grid, law.predict(grid), color=color, lw=1.2,
@@ -332,20 +353,28 @@ def section(analyses: dict[str, VariantAnalysis], figures: dict[str, str], inter
                                  "minimum inside the sizes", "resamples with a minimum"], rows), ""]
         if "isoflop_curves" in figures:
             text += [f"![isoflop_curves]({figures['isoflop_curves']})", ""]
-    rows = []
+    rows, unfitted = [], []
     for v, a in sorted(analyses.items()):
         f = a.frontier
+        if f is not None and f.n_opt is None:
+            below = sum(1 for p in f.profiles if math.isfinite(p.n_opt) and not p.interior
+                        and p.n_opt < p.n_min)
+            unfitted.append(f"{v}: {sum(p.interior for p in f.profiles)} of {len(f.profiles)} budgets have their "
+                            f"minimum inside the sizes run ({below} below the smallest size), so no frontier is "
+                            f"fitted; run {'smaller sizes' if below else 'more sizes'} to bracket the minimum")
         if f is None or f.n_opt is None:
             continue
         rows.append([v, f.n_opt.a, _ci(f.n_opt.a_lo, f.n_opt.a_hi), f.l_opt.a if f.l_opt else math.nan,
                      _ci(f.l_opt.a_lo, f.l_opt.a_hi) if f.l_opt else "-", f.n_opt.points,
                      f"{f.sigma:.3g} ({f.sigma_from})", a.envelope_exponent])
-    if rows:
-        text += ["### The frontier", "", "N_opt = k C^a and L_opt = k' C^b over the budgets with a minimum; the "
+    if rows or unfitted:
+        text += ["### The frontier", "", "N_opt = k C^a and L_opt = k' C^b over the budgets whose minimum lies "
+                 "inside the sizes run (an extrapolated minimum is the parabola's guess, not a measurement); the "
                  "last column is a from the lower envelope of loss against FLOPs over every point (Hoffmann et "
                  "al.'s approach 1: the size of the best point at each compute, no interval).", "",
                  markdown_table(["variant", "a (N_opt)", "95% CI", "b (L_opt)", "95% CI", "budgets",
-                                 "loss noise sigma (from)", "a (envelope)"], rows), ""]
+                                 "loss noise sigma (from)", "a (envelope)"], rows), ""] if rows else []
+        text += [f"- {line}" for line in unfitted] + ([""] if unfitted else [])
         if "frontier" in figures:
             text += [f"![frontier]({figures['frontier']})", ""]
     rows = []

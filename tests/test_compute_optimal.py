@@ -114,6 +114,28 @@ def test_parabola_vertex_and_no_minimum():
     assert not frontier.profiles[0].interior and frontier.profiles[0].n_opt > 1e7
 
 
+def test_the_frontier_leaves_out_budgets_whose_minimum_lies_outside_the_sizes(synthetic):
+    """An extrapolated vertex is not a measurement: moving one budget's sizes so that its minimum lies below
+    them leaves the frontier on the other budgets; with fewer than two bracketed budgets there is none."""
+    n, d, c, loss, _ = synthetic
+    frontier = isoflop_frontier(n, loss, c, n_boot=100, seed=0)
+    last = c == BUDGETS[-1]
+    shifted = n.copy()
+    shifted[last] = n[last] * 40      # every size of the largest budget well above its optimum
+    d_shifted = np.where(last, c / (6 * shifted), d)
+    loss_shifted = np.where(last, true_loss(shifted, d_shifted), loss)
+    moved = isoflop_frontier(shifted, loss_shifted, c, n_boot=100, seed=0)
+    assert not moved.profiles[-1].interior and moved.profiles[-1].n_opt < moved.profiles[-1].n_min
+    assert [p.interior for p in moved.profiles[:-1]] == [True] * 3
+    assert moved.n_opt.points == 3 and frontier.n_opt.points == 4
+    on_three = isoflop_frontier(n[~last], loss[~last], c[~last], n_boot=100, seed=0)
+    assert moved.n_opt.a == pytest.approx(on_three.n_opt.a, rel=1e-12)   # the same law as without that budget
+    keep = np.isin(c, BUDGETS[:2])
+    only_one = np.where(c == BUDGETS[0], n, n * 40)[keep]
+    one = isoflop_frontier(only_one, true_loss(only_one, c[keep] / (6 * only_one)), c[keep], sigma=0.01, n_boot=20)
+    assert [p.interior for p in one.profiles] == [True, False] and one.n_opt is None and one.l_opt is None
+
+
 def test_too_few_runs_are_one_line_errors():
     with pytest.raises(ValueError, match=r"needs >= 6 runs"):
         fit_parametric([1e6, 2e6], [1e9, 1e9], [2.0, 1.9])

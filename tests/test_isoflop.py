@@ -82,6 +82,25 @@ def test_report_draws_isoflop_curves_frontier_and_held_out_table(tmp_path):
     assert "intermediate points" not in text
 
 
+def test_report_fits_no_frontier_on_minima_below_the_smallest_size(tmp_path):
+    """kl-random's sizes all 40x above its optimum: every profile's minimum is extrapolated, so the report fits
+    no frontier for it, says which way to move the sizes, and still draws both figures (the minima beyond
+    the axis as triangles, not stretching it decades)."""
+    table = isoflop_table()
+    kl = table["variant"] == "kl-random"
+    table.loc[kl, "params"] *= 40
+    d = table.loc[kl, "budget"] / (6 * table.loc[kl, "params"])
+    table.loc[kl, "tokens_seen"] = d
+    table.loc[kl, "val_loss"] = law_loss(table.loc[kl, "params"], d, 0.2)
+    table.to_csv(tmp_path / "runs.csv", index=False)
+    text = write_report(tmp_path, n_boot=50, fit_boot=50).read_text()
+    assert ("- kl-random: 0 of 3 budgets have their minimum inside the sizes run (3 below the smallest size), so "
+            "no frontier is fitted; run smaller sizes to bracket the minimum") in text
+    assert "| vq-raster | 0." in text.split("### The frontier")[1]   # the other variant's frontier is fitted
+    for png in ("isoflop_curves.png", "frontier.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+
+
 def test_intermediate_points_are_an_option_and_skip_cosine_runs(tmp_path):
     table = isoflop_table().iloc[:2].copy()
     for i, (_, row) in enumerate(table.iterrows()):
@@ -116,7 +135,11 @@ def test_embedded_isoflop_plan_spends_each_budget_within_one_step(tmp_path):
     for job in cells:
         cell, values = job.args["cell"], job.args["values"]
         # the accounting the trainer writes to summary.json, computed here on its own
-        per_image = build_variant(cell["variant"], cell["size"], ladder="cpu-isoflop", **shapes).train_flops_per_image()
+        # with the spec's model options (text_len 16 sets the accounting's text length)
+        options = {k.removeprefix("model.options."): v for k, v in values.items() if k.startswith("model.options.")}
+        assert options.get("text_len") == 16
+        per_image = build_variant(cell["variant"], cell["size"], ladder="cpu-isoflop",
+                                  **{**shapes, **options}).train_flops_per_image()
         per_step = per_image * values["train.batch_size"]
         assert cell["flops_per_step"] == pytest.approx(per_step, rel=1e-12)
         assert values["train.steps"] == cell["steps"] >= 20  # past the spec's warm-up
@@ -158,7 +181,7 @@ def test_isoflop_dry_run_and_plan_show_the_cells_and_their_cost(tmp_path):
                           str(tmp_path / "iso")], capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "3 budgets x 3 sizes x 2 variants = 18 training runs" in out.stdout
-    assert "| vq-random | cpu-2xs | 8e+11 | 64 | 6.67e+08 | 1200 |" in out.stdout
+    assert "| vq-random | cpu-2xs | 8e+11 | 64 | 5.69e+08 | 1405 |" in out.stdout
     assert "24 jobs, 18 training runs" in out.stdout
     assert "train/kl-random-cpu-s-3.2e12  [todo]" in out.stdout
     out = subprocess.run([sys.executable, "-m", "harness", "sweep", "fluid-paper-isoflop", "--plan"],
