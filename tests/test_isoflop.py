@@ -130,7 +130,7 @@ def test_embedded_isoflop_plan_spends_each_budget_within_one_step(tmp_path):
     spec = load_spec("embedded-isoflop", out=tmp_path / "iso")
     jobs = plan(spec)
     cells = [j for j in jobs if j.stage == "train_cell"]
-    assert len(cells) == 3 * 3 * 2 and not [j for j in jobs if j.stage == "train_run"]
+    assert len(cells) == 3 * 4 * 2 and not [j for j in jobs if j.stage == "train_run"]
     shapes = {k: v for k, v in LADDER_SHAPES["cpu-isoflop"].items() if k != "text_len"}
     for job in cells:
         cell, values = job.args["cell"], job.args["values"]
@@ -160,7 +160,7 @@ def test_the_isoflop_ladder_is_the_cpu_ladder_with_its_smallest_rung():
     from variants.registry import LADDER_SHAPES, LADDERS, build_variant
 
     assert LADDERS["cpu-isoflop"] == LADDERS["cpu"] and LADDER_SHAPES["cpu-isoflop"] == LADDER_SHAPES["cpu"]
-    assert LADDERS["cpu"][0].name == "cpu-2xs"
+    assert [r.name for r in LADDERS["cpu"][:2]] == ["cpu-3xs", "cpu-2xs"]
     shapes = {k: v for k, v in LADDER_SHAPES["cpu"].items() if k != "text_len"}
     small, xs = (build_variant("vq-random", s, ladder="cpu-isoflop", **shapes).param_counts()["total"]
                  for s in ("cpu-2xs", "cpu-xs"))
@@ -180,9 +180,9 @@ def test_isoflop_dry_run_and_plan_show_the_cells_and_their_cost(tmp_path):
     out = subprocess.run([sys.executable, "-m", "harness", "sweep", "embedded-isoflop", "--dry-run", "--out",
                           str(tmp_path / "iso")], capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "3 budgets x 3 sizes x 2 variants = 18 training runs" in out.stdout
+    assert "3 budgets x 4 sizes x 2 variants = 24 training runs" in out.stdout
     assert "| vq-random | cpu-2xs | 8e+11 | 64 | 5.69e+08 | 1405 |" in out.stdout
-    assert "24 jobs, 18 training runs" in out.stdout
+    assert "30 jobs, 24 training runs" in out.stdout
     assert "train/kl-random-cpu-s-3.2e12  [todo]" in out.stdout
     out = subprocess.run([sys.executable, "-m", "harness", "sweep", "fluid-paper-isoflop", "--plan"],
                          capture_output=True, text=True, cwd=root, env=env, timeout=300)
