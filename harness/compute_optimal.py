@@ -80,8 +80,7 @@ class Profile:
     interior: bool                   # N_opt inside the sizes measured (else an extrapolation)
     sizes: int
     with_minimum: float              # fraction of bootstrap resamples whose parabola has a minimum
-    n_min: float = math.nan          # the smallest and largest size run at this budget
-    n_max: float = math.nan
+    n_min: float = math.nan          # the smallest size run at this budget
 
     def predict(self, n: np.ndarray | float) -> np.ndarray:
         return np.polyval(self.coef, np.log(np.asarray(n, dtype=np.float64)))
@@ -175,7 +174,7 @@ def isoflop_frontier(n, loss, budget, *, sigma: float | None = None, sigma_from:
             l_opt_lo=_interval(boot[:, j, 1])[0], l_opt_hi=_interval(boot[:, j, 1])[1],
             interior=bool(n[at].min() <= n_opt <= n[at].max()) if math.isfinite(n_opt) else False,
             sizes=len(np.unique(n[at])), with_minimum=float(np.isfinite(boot[:, j, 0]).mean()) if n_boot else math.nan,
-            n_min=float(n[at].min()), n_max=float(n[at].max())))
+            n_min=float(n[at].min())))
 
     # The frontier is fitted on the budgets whose minimum lies inside the sizes run: an extrapolated vertex is
     # the parabola's guess, not a measurement (it can sit decades away, with an interval to match), and one

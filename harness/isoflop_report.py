@@ -220,6 +220,8 @@ def analyse(table: pd.DataFrame, sweep_dir: Path | None = None, *, intermediate:
 def draw(analyses: dict[str, VariantAnalysis], points: pd.DataFrame, out_dir: Path) -> dict[str, str]:
     """isoflop_curves.png (loss against N per budget, one panel per variant, parabolas and their minima) and
     frontier.png (N_opt and L_opt against C, every variant on one axis, with the fitted power laws)."""
+    from matplotlib.ticker import NullFormatter
+
     from harness.plots import COLORS, _panels, _pyplot, _save
 
     with_profiles = {v: a for v, a in analyses.items() if a.frontier is not None}
@@ -229,8 +231,6 @@ def draw(analyses: dict[str, VariantAnalysis], points: pd.DataFrame, out_dir: Pa
     figures = {}
     fig, axes = _panels(len(with_profiles), (5.2, 4))
     cmap = plt.get_cmap("viridis")
-    from matplotlib.ticker import NullFormatter
-
     for ax, (variant, analysis) in zip(axes, sorted(with_profiles.items())):
         profiles = analysis.frontier.profiles
         sizes = points.loc[(points["variant"] == variant) & points["final"], "params"]
@@ -356,13 +356,13 @@ def section(analyses: dict[str, VariantAnalysis], figures: dict[str, str], inter
     rows, unfitted = [], []
     for v, a in sorted(analyses.items()):
         f = a.frontier
-        if f is not None and f.n_opt is None:
-            below = sum(1 for p in f.profiles if math.isfinite(p.n_opt) and not p.interior
-                        and p.n_opt < p.n_min)
+        if f is None:
+            continue
+        if f.n_opt is None:
+            below = sum(p.n_opt < p.n_min for p in f.profiles)   # nan (no minimum) compares False
             unfitted.append(f"{v}: {sum(p.interior for p in f.profiles)} of {len(f.profiles)} budgets have their "
                             f"minimum inside the sizes run ({below} below the smallest size), so no frontier is "
                             f"fitted; run {'smaller sizes' if below else 'more sizes'} to bracket the minimum")
-        if f is None or f.n_opt is None:
             continue
         rows.append([v, f.n_opt.a, _ci(f.n_opt.a_lo, f.n_opt.a_hi), f.l_opt.a if f.l_opt else math.nan,
                      _ci(f.l_opt.a_lo, f.l_opt.a_hi) if f.l_opt else "-", f.n_opt.points,

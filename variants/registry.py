@@ -45,8 +45,8 @@ LADDERS = {
     # width sit between the letter sizes: the embedded sweep trains cpu-2xs / xs / 2x48 / s (27k-308k
     # non-embedding parameters, ~2x apart) for 800 steps (docs/recipe.md, section 5), and the
     # IsoFLOP sweep's smallest budget is best spent on cpu-2xs
-    # cpu-3xs (width 8, ~10k kl parameters): below cpu-2xs, where kl-random's IsoFLOP minimum lies at the
-    # embedded budgets once the lr is tuned (README, IsoFLOP section)
+    # cpu-3xs (width 8, ~10k kl parameters): run by the IsoFLOP sweep to bracket kl-random's minimum, which lay
+    # below cpu-2xs with three sizes; kl-random plateaus there (a width-8 head; README, IsoFLOP section)
     "cpu": [Rung("cpu-3xs", 2, 8, 2, aligner_blocks=1, head_blocks=2),
             Rung("cpu-2xs", 2, 16, 2, aligner_blocks=1, head_blocks=2),
             Rung("cpu-xs", 2, 32, 2, aligner_blocks=1, head_blocks=2),
