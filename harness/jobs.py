@@ -9,6 +9,7 @@ records it; this file only knows how.
 """
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,9 @@ from harness.tokenizer_folder import TokenizerTrainOptions
 def _cmd(*parts: Any, options: dict | None = None) -> str:
     words = [str(p) for p in parts]
     for key, value in (options or {}).items():
-        if value is not None:
+        if isinstance(value, bool):  # a typer switch: the flag alone, or nothing
+            words += [f"--{key.replace('_', '-')}"] if value else []
+        elif value is not None:
             words += [f"--{key.replace('_', '-')}", str(value)]
     return shlex.join(words)
 
@@ -95,7 +98,7 @@ class MakeData(Job):
 
         o = self.options
         write_shapes(self.out, seed=o.seed, n_train=o.train, n_val=o.val, size=o.size,
-                     prompts_per_task=o.prompts_per_task)
+                     prompts_per_task=o.prompts_per_task, align=o.align)
 
 
 @dataclass(kw_only=True)
@@ -189,6 +192,7 @@ class TokenizerCeiling(Job):
     kind: str
     tokenizer: str
     prompts: str
+    data: str  # the data folder: its scenes' layout (manifest `align`) is the ceiling's
     per_prompt: int
     seed: int
     sweep: str
@@ -212,16 +216,19 @@ class TokenizerCeiling(Job):
         from eval.geneval import score_folder
         from eval.geneval_folder import load_prompts, write_prompt_folder
         from eval.sampling import to_uint8
-        from harness.data.shapes import render_prompt
+        from harness.data.shapes import manifest_align, render_prompt
         from variants.tokenizers import load_tokenizer
 
+        manifest = Path(self.data) / "manifest.json"
+        align = manifest_align(json.loads(manifest.read_text())) if manifest.is_file() else 0
         tokenizer = load_tokenizer(self.tokenizer)
         prompts = load_prompts(self.prompts)
         folder = Path(self.outputs[0]).with_suffix("")  # TOKENIZER/ceiling/
         scenes = {}
         for index, meta in enumerate(prompts):  # one stream per prompt: the same scenes for every tokenizer
             rng = np.random.default_rng([self.seed, index])
-            scenes[index] = [render_prompt(meta, rng, tokenizer.image_size)[0] for _ in range(self.per_prompt)]
+            scenes[index] = [render_prompt(meta, rng, tokenizer.image_size, align=align)[0]
+                             for _ in range(self.per_prompt)]
         with torch.no_grad():
             for index, meta in enumerate(prompts):
                 x = torch.from_numpy(np.stack(scenes[index])).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -90,7 +90,8 @@ def _jobs(spec: Spec) -> list[Job]:
         for kind in kinds:
             out = spec.root / "tokenizers" / kind / "ceiling.json"
             jobs.append(TokenizerCeiling(name=f"ceiling/{kind}", kind=kind, tokenizer=str(spec.tokenizer_dir(kind)),
-                                         prompts=str(geneval_prompts(spec)), per_prompt=geneval.per_prompt,
+                                         prompts=str(geneval_prompts(spec)), data=str(spec.data_dir()),
+                                         per_prompt=geneval.per_prompt,
                                          seed=0, sweep=spec.name,
                                          detector=geneval.detector or "shapes-oracle", outputs=[str(out)],
                                          deps=data_deps + made_by[kind], resources=prep))

@@ -66,6 +66,14 @@ class ShapesOptions:
     val: int = DEFAULT_VAL
     size: int = DEFAULT_SIZE
     prompts_per_task: int = DEFAULT_PROMPTS_PER_TASK
+    align: int = 0
+
+    def __post_init__(self) -> None:
+        from harness.data.shapes import ALIGNS
+
+        if self.align not in ALIGNS:
+            raise ValueError(f"align must be one of {', '.join(map(str, ALIGNS))} (pixels at 32x32; 0 = objects "
+                             f"anywhere), got {self.align}")
 
 
 @dataclass

@@ -233,3 +233,53 @@ def prompt_holds(meta: dict, detections: list) -> bool:
             if any(relation not in relative_position(d.box, t.box) for d in found for t in targets):
                 return False
     return True
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_aligned_scenes_sit_on_the_token_grid(size):
+    """--align 4: every box's corners on the 4-pixel grid (at 32x32), whole cells apart; captions still true."""
+    images, records = generate_split(600, np.random.default_rng(7), size=size, align=4)
+    unit = 4 * size // 32
+    for image, record in zip(images, records):
+        assert record["caption"] in true_captions(record["tag"], record["objects"]), record
+        for obj in record["objects"]:
+            x0, y0, x1, y1 = obj["box"]
+            # the recorded box is the tight one: an even-sided triangle's empty apex row moves y0 down one pixel
+            top = y0 - (obj["class"] == "triangle")
+            assert x0 % unit == 0 and x1 % unit == 0 and y1 % unit == 0 and top % unit == 0, obj
+            assert 2 * unit <= x1 - x0 <= 3 * unit, obj
+        boxes = [o["box"] for o in record["objects"]]
+        for i, a in enumerate(boxes):  # at least one whole cell between any two boxes, along x or y
+            for b in boxes[i + 1:]:
+                assert max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= unit
+        assert detect_ok(image, record["objects"])
+    # the free layout puts most boxes off that grid
+    _, free = generate_split(100, np.random.default_rng(7), size=size)
+    assert np.mean([o["box"][0] % unit == 0 for r in free for o in r["objects"]]) < 0.5
+
+
+def detect_ok(image: np.ndarray, objects: list[dict]) -> bool:
+    """The oracle reads back exactly the drawn objects (classes, colours, boxes)."""
+    found = sorted((d.class_name, d.color, tuple(int(v) for v in d.box)) for d in detect(image))
+    return found == sorted((o["class"], o["color"], tuple(o["box"])) for o in objects)
+
+
+def test_align_is_recorded_and_rendering_follows_it(tmp_path, capsys):
+    assert cli("data", "shapes", "--out", str(tmp_path / "data"), "--train", "20", "--val", "4",
+               "--prompts-per-task", "2", "--align", "4") == 0
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["align"] == 4
+    write_shapes(tmp_path / "free", n_train=4, n_val=2, progress=False)
+    assert "align" not in json.loads((tmp_path / "free" / "manifest.json").read_text())  # as before the option
+    assert cli("data", "shapes-render", "--prompts", str(tmp_path / "data" / "geneval_metadata.jsonl"),
+               "--out", str(tmp_path / "r"), "--per-prompt", "3", "--align", "4") == 0
+    for _, meta, samples in iter_prompt_folders(tmp_path / "r"):
+        for sample in samples:
+            detections = detect(np.asarray(Image.open(sample).convert("RGB")))
+            assert prompt_holds(meta, detections)
+            assert all(int(d.box[0]) % 4 == 0 and int(d.box[2]) % 4 == 0 for d in detections)
+    capsys.readouterr()
+    assert cli("data", "shapes", "--out", str(tmp_path / "bad"), "--align", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--align" in err and "got 3" in err and "\n" not in err
+    assert not (tmp_path / "bad").exists()

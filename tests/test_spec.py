@@ -50,6 +50,7 @@ BAD = [
     (EMBEDDED, "variants", ["kl-randum"], "variant 'kl-randum' unknown"),
     (EMBEDDED, "extra_runs", [{"variant": "kl-random", "sise": "cpu-s"}], "extra_runs[0].sise"),
     (EMBEDDED, "data.shapes.trian", 10, "data.shapes.trian"),
+    (EMBEDDED, "data.shapes.align", 3, "data.shapes: align must be one of 0, 1, 2, 4, 8"),
     (EMBEDDED, "data.val_n", "all", "data.val_n: expected int"),
     (EMBEDDED, "data.kind", "jpegs", "data.kind='jpegs'"),
     (EMBEDDED, "tokenizers.vq.train.stepz", 3, "tokenizers.vq.train.stepz"),

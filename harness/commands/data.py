@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         val: int = typer.Option(1000, "--val", help="validation images"),
         size: int = typer.Option(32, "--size", help="image side: 32 (default) or 64"),
         prompts_per_task: int = typer.Option(32, "--prompts-per-task", help="GenEval prompts per task"),
+        align: int = typer.Option(0, "--align", help="put every object's box on a grid of this many pixels (at "
+                                  "32x32; 4 = the 8x8-token tokenizers' patches): an easier set; 0 = anywhere"),
     ) -> None:
         """Generate the ShapesT2I data set; the same arguments give byte-identical files."""
         import sys
@@ -30,7 +32,7 @@ def register(app: typer.Typer) -> None:
         from harness.data.shapes import write_shapes
 
         s = write_shapes(out, seed=seed, n_train=train, n_val=val, size=size, prompts_per_task=prompts_per_task,
-                         progress=sys.stderr.isatty())
+                         progress=sys.stderr.isatty(), align=align)
         print(f"wrote {out}: {train} train + {val} val images ({size}x{size}), {s['prompts']} GenEval prompts; "
               f"rendered in {s['seconds']:.1f} s, {s['images_per_cpu_s']:,.0f} images/s on one core")
 
@@ -41,21 +43,24 @@ def register(app: typer.Typer) -> None:
         per_prompt: int = typer.Option(4, "--per-prompt", help="images per prompt"),
         seed: int = typer.Option(0, "--seed"),
         size: int = typer.Option(32, "--size", help="image side: 32 or 64"),
+        align: int = typer.Option(0, "--align", help="the layout grid of `data shapes --align` (0 = anywhere)"),
     ) -> None:
         """Render true scenes for every prompt (what a perfect model draws) in GenEval's folder layout."""
         import numpy as np
         from tqdm import tqdm
 
         from eval.geneval_folder import load_prompts, write_prompt_folder
-        from harness.data.shapes import render_prompt
+        from harness.data.shapes import check_align, render_prompt
 
+        check_align(align, "--align")
         if per_prompt < 1:
             raise FluidbenchError(f"--per-prompt: expected at least 1, got {per_prompt}")
         metadata = load_prompts(prompts)
         start = time.perf_counter()
         for index, meta in enumerate(tqdm(metadata, desc="render", unit="prompt", leave=False)):
             rng = np.random.default_rng([seed, index])  # one stream per prompt: a prompt's images never shift
-            write_prompt_folder(out, index, meta, [render_prompt(meta, rng, size)[0] for _ in range(per_prompt)])
+            write_prompt_folder(out, index, meta, [render_prompt(meta, rng, size, align=align)[0]
+                                                         for _ in range(per_prompt)])
         print(f"wrote {out}: {len(metadata)} prompts x {per_prompt} images ({size}x{size}) "
               f"in {time.perf_counter() - start:.1f} s")
 

@@ -42,6 +42,12 @@ DEFAULT_TRAIN, DEFAULT_VAL, DEFAULT_SIZE, DEFAULT_PROMPTS_PER_TASK = 20000, 1000
 SIDE_RANGE = {1: (9, 14), 2: (9, 14), 3: (8, 12), 4: (8, 11)}
 GAP = 2  # empty pixels (at 32x32) between the boxes of any two objects, so same-coloured objects stay apart
 MARGIN = 1  # empty pixels between any object and the image border
+# `align` A > 0 (pixels at 32x32, a divisor of 32): every box's corners and side sit on a grid of A pixels, so an
+# object covers whole tokens of a tokenizer with A-pixel patches (4 for the 8x8-token tokenizers of the embedded
+# sweep). Sides are whole cells in [SIDE_RANGE's low // A, high // A] (8-12 px at A = 4), boxes at least one cell
+# apart, none on the border's pixel margin (MARGIN rounds to no cell). An easier set: each class and side has one
+# pattern per token instead of A x A sub-token offsets, and a 4-object scene still fits with its gaps.
+ALIGNS = (0, 1, 2, 4, 8)
 
 
 def shape_mask(class_name: str, box: Sequence, window: Sequence[int]) -> np.ndarray:
@@ -111,16 +117,22 @@ def _cells(region: tuple[int, int, int, int], k: int, rng: np.random.Generator, 
     return _cells(first, k1, rng, min_side, sep) + _cells(second, k - k1, rng, min_side, sep)
 
 
-def _place(n: int, rng: np.random.Generator, image_size: int, pair: tuple[int, int, str] | None = None
-           ) -> list[tuple[int, int, int, int]]:
+def _place(n: int, rng: np.random.Generator, image_size: int, pair: tuple[int, int, str] | None = None,
+           align: int = 0) -> list[tuple[int, int, int, int]]:
     """Square pixel boxes for n objects, one per random cell, so any two are GAP pixels apart along x or y.
 
     With a `pair` (a, b, relation) of two objects, object a gets the cell on the relation's side of object b.
+    With `align` A > 0 the layout is drawn on a grid of A-pixel cells (at 32x32) and scaled back to pixels.
     """
     scale = image_size // 32
-    lo, hi = SIDE_RANGE[n]
-    lo, hi, margin, sep = lo * scale, hi * scale, MARGIN * scale, GAP * scale
-    region = (margin, margin, image_size - margin, image_size - margin)
+    side_lo, side_hi = SIDE_RANGE[n]
+    if align:  # whole cells of `align` pixels (at 32x32)
+        unit, lo, hi, margin, sep = align * scale, max(1, side_lo // align), side_hi // align, MARGIN // align, \
+            -(-GAP // align)
+    else:  # pixels
+        unit, lo, hi, margin, sep = 1, side_lo * scale, side_hi * scale, MARGIN * scale, GAP * scale
+    extent = image_size // unit
+    region = (margin, margin, extent - margin, extent - margin)
     if pair is None:
         cells = _cells(region, n, rng, lo, sep)
         cells = [cells[i] for i in rng.permutation(n)]
@@ -133,7 +145,7 @@ def _place(n: int, rng: np.random.Generator, image_size: int, pair: tuple[int, i
     for x0, y0, x1, y1 in cells:
         side = int(rng.integers(lo, min(hi, x1 - x0, y1 - y0) + 1))
         x, y = int(rng.integers(x0, x1 - side + 1)), int(rng.integers(y0, y1 - side + 1))
-        boxes.append((x, y, x + side, y + side))
+        boxes.append((x * unit, y * unit, (x + side) * unit, (y + side) * unit))
     return boxes
 
 
@@ -178,15 +190,17 @@ def _parse(metadata: dict) -> tuple[list[tuple[str, str | None, int]], list[tupl
 
 
 def render_prompt(metadata: dict, rng: np.random.Generator, size: int = DEFAULT_SIZE,
-                  held_out: Sequence[tuple[str, str]] = HELD_OUT) -> tuple[np.ndarray, list[dict]]:
+                  held_out: Sequence[tuple[str, str]] = HELD_OUT, align: int = 0) -> tuple[np.ndarray, list[dict]]:
     """Render a scene that is true for a GenEval metadata line over the ShapesT2I classes.
 
     Returns the image, uint8 (size, size, 3), and its objects as dicts {class, color, box}, one per object in
     the order of the include clauses; `box` is the tight box of the object's pixels (x0, y0, x1, y1,
-    end-exclusive). Colours a clause does not name are drawn avoiding the `held_out` pairs.
+    end-exclusive). Colours a clause does not name are drawn avoiding the `held_out` pairs; `align` > 0 puts
+    every box on a grid of that many pixels (at 32x32, see ALIGNS).
     """
     if size < 32 or size % 32:
         raise FluidbenchError(f"image size: expected 32 or 64 (a multiple of 32), got {size}")
+    check_align(align)
     specs, constraints = _parse(metadata)
     free = _free_colors(held_out)
     colors = [color if color is not None else _pick(rng, free[cls]) for cls, color, _ in specs]
@@ -195,11 +209,22 @@ def render_prompt(metadata: dict, rng: np.random.Generator, size: int = DEFAULT_
              for a in range(len(specs)) if specs[a][2] == k for b in range(len(specs)) if specs[b][2] == t]
     guide = pairs[0] if len(specs) == 2 and len(pairs) == 1 else None  # GenEval's "A <relation> B"
     for _ in range(200):
-        boxes = _place(len(specs), rng, size, guide)
+        boxes = _place(len(specs), rng, size, guide, align)
         image, objects = render_objects([cls for cls, _, _ in specs], colors, boxes, size)
         if all(relation in relative_position(objects[a]["box"], objects[b]["box"]) for a, b, relation in pairs):
             return image, objects
     raise FluidbenchError(f"prompt '{metadata.get('prompt')}': no layout found that makes it true")
+
+
+def check_align(align: int, name: str = "align") -> None:
+    if align not in ALIGNS:
+        raise FluidbenchError(f"{name}: expected one of {', '.join(map(str, ALIGNS))} (pixels at 32x32; "
+                              f"0 = free placement), got {align}")
+
+
+def manifest_align(manifest: dict) -> int:
+    """The `align` a ShapesT2I folder was made with, at 32x32 (0: free placement), from its manifest."""
+    return int(manifest.get("align", 0)) // (int(manifest.get("image_size", DEFAULT_SIZE)) // 32)
 
 
 def _article(noun: str) -> str:
@@ -291,13 +316,13 @@ def uses_held_out(metadata: dict, held_out: Sequence[tuple[str, str]] = HELD_OUT
 
 def generate_split(n: int, rng: np.random.Generator, size: int = DEFAULT_SIZE,
                    held_out: Sequence[tuple[str, str]] = HELD_OUT,
-                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[dict]]:
+                   progress: Callable[[int], None] | None = None, align: int = 0) -> tuple[np.ndarray, list[dict]]:
     """n scenes, tasks uniform: images uint8 (n, size, size, 3) and caption records {caption, tag, objects}."""
     images = np.empty((n, size, size, 3), np.uint8)
     records = []
     for i in range(n):
         metadata = sample_prompt(_pick(rng, TASKS), rng, held_out)
-        images[i], objects = render_prompt(metadata, rng, size, held_out)
+        images[i], objects = render_prompt(metadata, rng, size, held_out, align)
         records.append({"caption": metadata["prompt"], "tag": metadata["tag"], "objects": objects})
         if progress is not None and (i + 1) % 500 == 0:
             progress(500)
@@ -317,10 +342,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def write_shapes(out: str | Path, seed: int = 0, n_train: int = DEFAULT_TRAIN, n_val: int = DEFAULT_VAL,
                  size: int = DEFAULT_SIZE, prompts_per_task: int = DEFAULT_PROMPTS_PER_TASK,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, align: int = 0) -> dict:
     """Write the ShapesT2I data set to `out`; the same arguments give byte-identical files. Returns a summary."""
     if size < 32 or size % 32:
         raise FluidbenchError(f"--size: expected 32 or 64 (a multiple of 32), got {size}")
+    check_align(align, "--align")
     if n_train < 1 or n_val < 1:
         raise FluidbenchError(f"--train/--val: expected at least one image each, got {n_train} and {n_val}")
     if prompts_per_task < 1:
@@ -332,7 +358,7 @@ def write_shapes(out: str | Path, seed: int = 0, n_train: int = DEFAULT_TRAIN, n
     streams = {name: np.random.default_rng([seed, k]) for k, name in enumerate(("train", "val", "prompts"))}
     start, start_cpu = time.perf_counter(), time.process_time()
     with tqdm(total=n_train + n_val, desc="ShapesT2I", unit="img", disable=not progress, leave=False) as bar:
-        splits = {name: generate_split(n, streams[name], size, progress=bar.update)
+        splits = {name: generate_split(n, streams[name], size, progress=bar.update, align=align)
                   for name, n in (("train", n_train), ("val", n_val))}
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     for name, (images, records) in splits.items():
@@ -348,6 +374,7 @@ def write_shapes(out: str | Path, seed: int = 0, n_train: int = DEFAULT_TRAIN, n
         "held_out_prompts": [i for i, p in enumerate(prompts) if uses_held_out(p)],
         "object_side": {str(k): [lo * scale, hi * scale] for k, (lo, hi) in SIDE_RANGE.items()},
         "gap": GAP * scale, "margin": MARGIN * scale, "box_format": "x0 y0 x1 y1, pixels, end-exclusive",
+        **({"align": align * scale} if align else {}),  # absent: free placement (as before the option)
     })
     n = n_train + n_val
     # Rendering is single-threaded: images per CPU second is the speed on one core, even on a busy machine.
