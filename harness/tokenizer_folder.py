@@ -36,6 +36,7 @@ class TokenizerTrainOptions:
                                         # data's background; every k-th image, k = round(1 / fraction)): ShapesT2I
                                         # has no image without an object, and a tokenizer that never saw one
                                         # decodes an all-background token grid as texture (docs/recipe.md, 7)
+    local: bool = False                 # each token's pixel patch encoded and decoded alone (variants/tokenizers.py)
     threads: int = 0                    # torch threads while training (0 = this process's torch thread count: in a
                                         # sweep the job's threads; never the machine's load, which would make
                                         # the tokenizer, and every result after it, depend on what else ran)
@@ -66,7 +67,7 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
         cfg = default_config(kind, image_size=train_images.shape[-1], grid=o.grid, patch=o.patch,
                              codebook_size=o.codebook_size, steps=o.steps, time_budget_s=o.budget_s,
                              seed=o.seed, min_steps=o.min_steps, threads=threads, latent_channels=o.latent_channels,
-                             batch_size=o.batch_size, lr=o.lr)
+                             batch_size=o.batch_size, lr=o.lr, local=o.local or None)
     except ValueError as e:
         raise FluidbenchError(f"tokenizer settings: {e}") from None
     tokenizer, stats = train_tokenizer(cfg, train_images, log=_progress(cfg))

@@ -354,3 +354,56 @@ def test_blank_fraction_trains_on_blank_images_and_measures_a_blank_reconstructi
                       "--steps", "1"])
     err = capsys.readouterr().err
     assert "manifest.json" in err and "'background'" in err and not (tmp_path / "tok3").exists()
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_a_local_tokenizer_token_depends_on_its_own_patch_only(kind, tmp_path):
+    """local=True: changing one 4x4 patch changes its token alone; changing one token changes its patch alone.
+    A global tokenizer (the default) changes other tokens too: the test would fail without the patch batching."""
+    x = images(2, 32)
+    y = x.clone()
+    y[:, :, 8:12, 20:24] = -x[:, :, 8:12, 20:24]  # the patch of token (2, 5) = position 21
+    changed = {}
+    for local in (True, False):
+        tok = build_tokenizer(TokenizerTrainConfig(kind=kind, local=local, seed=3, **TINY))
+        a, b = tok.encode(x), tok.encode(y)
+        diff = (a != b) if kind == "vq" else (a - b).abs().amax(-1) > 1e-6
+        changed[local] = set(diff.nonzero()[:, 1].tolist())
+        if local:
+            edited = a.clone()
+            edited[:, 40] = b[:, 21] if kind == "kl" else (a[:, 40] + 1) % tok.vocab_size
+            pixels = (tok.decode(edited) - tok.decode(a)).abs().amax(1)  # (B, 32, 32)
+            assert pixels[:, 20:24, 0:4].amax() > 0  # token 40 = row 5, column 0
+            pixels[:, 20:24, 0:4] = 0
+            assert pixels.amax() == 0
+            save_tokenizer(tok, tmp_path / kind)
+            back = load_tokenizer(tmp_path / kind)
+            assert back.local and back.checksum == tok.checksum and "local" in tok.settings()
+            assert torch.equal(back.encode(x), a)
+    assert changed[True] <= {21} and len(changed[False] - {21}) > 0
+    with pytest.raises(ValueError, match="patch must be 1"):
+        TokenizerTrainConfig(kind="kl", grid=4, patch=2, local=True, **TINY)
+
+
+def test_codebook_seeding_does_not_crowd_the_dominant_cluster():
+    """k-means++ (D^2) seeding: with 90% of the vectors on one point (ShapesT2I's background), a codebook of 16
+    puts one or two codes there and the rest on the other clusters; uniform seeding put ~14 there."""
+    from variants.tokenizer_train import _kmeans, _restart_dead_codes
+
+    g = torch.Generator().manual_seed(0)
+    others = torch.randn(15, 4, generator=g) * 5 + 20
+    vectors = torch.cat([torch.zeros(900, 4) + 0.01 * torch.randn(900, 4, generator=g),
+                         others.repeat_interleave(7, 0) + 0.01 * torch.randn(105, 4, generator=g)])
+    centres = _kmeans(vectors, 16, 3, g)
+    assert int((centres.norm(dim=1) < 1).sum()) <= 2
+    assert torch.cdist(others, centres).amin(1).max() < 1  # every other cluster has a code
+
+    model = build_tokenizer(TokenizerTrainConfig(kind="vq", **{**TINY, "codebook_size": 16})).model
+    with torch.no_grad():
+        model.quantize.embedding.weight.zero_()
+    usage = torch.zeros(16, dtype=torch.long)
+    usage[0] = 900  # one live code on the dominant cluster; 15 dead ones to re-seed from the batch
+    h = vectors.reshape(1, 5, 201, 4).permute(0, 3, 1, 2)  # (B, D, h, w) as the training loop passes it
+    _restart_dead_codes(model, h, usage, g)
+    reseeded = model.quantize.embedding.weight[1:]
+    assert int((reseeded.norm(dim=1) < 1).sum()) == 0  # none lands on the cluster the live code already covers

@@ -32,6 +32,9 @@ class TokenizerTrainConfig:
     image_size: int = 32
     grid: int = 8                         # tokens per side
     patch: int = 1                        # kl: p x p latents per token
+    # The autoencoder sees each token's pixel patch alone (variants/tokenizers.py, "local"): a token depends on its
+    # own pixels only. Off: the diffusers autoencoder over the whole image, as the published tokenizers
+    local: bool = False
     widths: tuple[int, ...] = (16, 32, 64)  # block_out_channels; len = log2(downsampling) + 1
     layers_per_block: int = 1
     latent_channels: int = 8              # kl latent channels; vq code dimension
@@ -68,6 +71,8 @@ class TokenizerTrainConfig:
                              f"{self.image_size} px -> {self.grid}x{self.grid} tokens (patch {self.patch})")
         if self.kind == "vq" and self.patch != 1:
             raise ValueError("patch must be 1 for vq (one code per latent position)")
+        if self.local and self.patch != 1:
+            raise ValueError("patch must be 1 for a local tokenizer (one latent per token)")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -97,18 +102,18 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
                   up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(cfg.widths),
                   layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
                   norm_num_groups=cfg.norm_groups, mid_block_add_attention=cfg.mid_attention,
-                  sample_size=cfg.image_size)
+                  sample_size=cfg.image_size // cfg.grid if cfg.local else cfg.image_size)
     with torch.random.fork_rng():  # diffusers initialises from the global RNG
         torch.manual_seed(cfg.seed)
         if cfg.kind == "vq":
             model = VQModel(**common, num_vq_embeddings=cfg.codebook_size, vq_embed_dim=cfg.latent_channels)
-            return VQTokenizer(model, image_size=cfg.image_size)
+            return VQTokenizer(model, image_size=cfg.image_size, local=cfg.local)
         model = AutoencoderKL(**common)
     with torch.no_grad():  # log-variance half of the moments starts at init_logvar: std ~ 0.007, not 1
         c = cfg.latent_channels
         model.quant_conv.weight[c:].zero_()
         model.quant_conv.bias[c:].fill_(cfg.init_logvar)
-    return KLTokenizer(model, image_size=cfg.image_size, patch=cfg.patch)
+    return KLTokenizer(model, image_size=cfg.image_size, patch=cfg.patch, local=cfg.local)
 
 
 def _to_model(batch: torch.Tensor) -> torch.Tensor:
@@ -120,9 +125,22 @@ def _reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, mse_weight: float) 
 
 
 @torch.no_grad()
+def _d2_sample(vectors: torch.Tensor, centres: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k row indices of `vectors`, drawn with probability proportional to the squared distance to the nearest centre
+    (k-means++'s D^2 weighting, Arthur & Vassilvitskii 2007). Uniform draws put most codes on the dominant cluster:
+    on ShapesT2I ~85% of token positions are plain background, and uniform seeding split it over ~470 of 512 codes
+    that all decode to grey, so background tokens carried ~5.8 nats of noise (docs/recipe.md, section 8)."""
+    d2 = torch.cdist(vectors, centres).amin(1).square()
+    if not d2.sum() > 0:
+        return torch.randint(len(vectors), (k,), generator=generator)
+    return torch.multinomial(d2, k, replacement=k > int((d2 > 0).sum()), generator=generator)
+
+
 def _kmeans(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Plain Lloyd k-means (k-means++ would cost more than it buys here); empty clusters re-seeded at random."""
-    centres = vectors[torch.randperm(len(vectors), generator=generator)[:k]].clone()
+    """Lloyd k-means from k-means++ seeding; empty clusters re-seeded by D^2 sampling."""
+    centres = vectors[torch.randint(len(vectors), (1,), generator=generator)].clone()
+    while len(centres) < k:  # one centre at a time: each draw sees the centres chosen before it
+        centres = torch.cat([centres, vectors[_d2_sample(vectors, centres, 1, generator)]])
     for _ in range(iters):
         assign = torch.cdist(vectors, centres).argmin(1)
         sums = torch.zeros_like(centres).index_add_(0, assign, vectors)
@@ -130,12 +148,12 @@ def _kmeans(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generato
         empty = counts.squeeze(1) == 0
         centres = torch.where(empty.unsqueeze(1), centres, sums / counts.clamp(min=1))
         if empty.any():
-            centres[empty] = vectors[torch.randint(len(vectors), (int(empty.sum()),), generator=generator)]
+            centres[empty] = vectors[_d2_sample(vectors, centres[~empty], int(empty.sum()), generator)]
     return centres
 
 
-def _encoder_vectors(model, x: torch.Tensor) -> torch.Tensor:
-    h = model.encode(x).latents  # (B, D, g, g)
+def _encoder_vectors(tokenizer: Tokenizer, x: torch.Tensor) -> torch.Tensor:
+    h = tokenizer.latent_grid(tokenizer.model.encode(tokenizer.model_input(x)).latents)  # (B, D, g, g)
     return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*g*g, D)
 
 
@@ -172,7 +190,7 @@ def _train(cfg: TokenizerTrainConfig, images: torch.Tensor, log) -> tuple[Tokeni
         model.quantize.beta = cfg.commitment
         with torch.no_grad():
             sample = images[torch.randperm(n, generator=gen)[:32 * cfg.codebook_size // cfg.grid ** 2]]  # ~32 per code
-            vectors = _encoder_vectors(model, _to_model(sample))
+            vectors = _encoder_vectors(tokenizer, _to_model(sample))
             model.quantize.embedding.weight.copy_(_kmeans(vectors, cfg.codebook_size, cfg.kmeans_iters, gen))
         usage = torch.zeros(cfg.codebook_size, dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -190,16 +208,19 @@ def _train(cfg: TokenizerTrainConfig, images: torch.Tensor, log) -> tuple[Tokeni
         lr *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
-        x = _to_model(images[torch.randint(n, (cfg.batch_size,), generator=gen)])
+        # (a local tokenizer's batch is the images' patches: model_input / model_output are identities otherwise)
+        x = tokenizer.model_input(_to_model(images[torch.randint(n, (cfg.batch_size,), generator=gen)]))
         if cfg.kind == "kl":
             post = model.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
             rec = model.decode(z).sample
-            loss = _reconstruction_loss(rec, x, cfg.mse_weight) + cfg.kl_weight * post.kl().mean()
+            # the KL term per image, as the global one's (diffusers sums it over the latent positions)
+            kl = post.kl().reshape(-1, tokenizer.seq_len).sum(1) if cfg.local else post.kl()
+            loss = _reconstruction_loss(rec, x, cfg.mse_weight) + cfg.kl_weight * kl.mean()
         else:
-            h = model.encode(x).latents
+            h = tokenizer.latent_grid(model.encode(x).latents)  # (B, D, g, g)
             quant, vq_loss, (_, _, codes) = model.quantize(h)
-            rec = model.decoder(model.post_quant_conv(quant))
+            rec = model.decoder(model.post_quant_conv(tokenizer.model_latent(quant)))
             loss = _reconstruction_loss(rec, x, cfg.mse_weight) + vq_loss
             usage += torch.bincount(codes.reshape(-1), minlength=cfg.codebook_size)
         opt.zero_grad(set_to_none=True)
@@ -223,13 +244,17 @@ def _train(cfg: TokenizerTrainConfig, images: torch.Tensor, log) -> tuple[Tokeni
 
 @torch.no_grad()
 def _restart_dead_codes(model, h: torch.Tensor, usage: torch.Tensor, gen: torch.Generator) -> None:
-    """Codes no batch picked since the last restart move onto current encoder outputs (they drift, codes don't)."""
+    """Codes no batch picked since the last restart move onto current encoder outputs (they drift, codes don't),
+    drawn where the live codes quantise worst (D^2 sampling), not uniformly: uniform draws land ~85% on background."""
     dead = (usage == 0).nonzero().squeeze(1)
     if len(dead) == 0:
         return
     vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-    pick = torch.randint(len(vectors), (len(dead),), generator=gen)
-    model.quantize.embedding.weight[dead] = vectors[pick]
+    codebook = model.quantize.embedding.weight
+    live = codebook[usage > 0]
+    pick = _d2_sample(vectors, live, len(dead), gen) if len(live) else torch.randint(len(vectors), (len(dead),),
+                                                                                        generator=gen)
+    codebook[dead] = vectors[pick]
 
 
 @torch.no_grad()
@@ -242,8 +267,8 @@ def _estimate_normalisation(tokenizer: KLTokenizer, images: torch.Tensor, gen: t
     pick = torch.randperm(len(images), generator=gen)[:n]
     draws = []
     for batch in images[pick].split(256):
-        post = tokenizer.model.encode(_to_model(batch)).latent_dist
-        draws.append(post.mean + post.std * torch.randn(post.mean.shape, generator=gen))
+        mean, std = tokenizer._posterior(batch.float() / 127.5 - 1)
+        draws.append(mean + std * torch.randn(mean.shape, generator=gen))
     z = torch.cat(draws).transpose(0, 1).reshape(tokenizer.latent_channels, -1)  # (C, N*H*W)
     tokenizer.shift.copy_(z.mean(1))
     tokenizer.scale.copy_(1 / z.std(1).clamp(min=1e-6))

@@ -4,6 +4,12 @@
 a diffusers AutoencoderKL folder (SD-VAE), a diffusers VQModel folder (aMUSEd VQ-GAN) or MAR's KL-16 `.ckpt`
 (LDM key names, mapped onto diffusers' AutoencoderKL). Tokens are laid out in raster order, (b, h, w) row-major;
 a KL token groups a p x p patch of latents channel-major, (c, p, p), as MAR's `patchify` does.
+
+A *local* tokenizer (`local=True`, ours only) runs its autoencoder on each token's f x f pixel patch alone (f the
+downsampling): a token then depends on its own pixels and nothing else. The published ones, like our default,
+see the whole image (3x3 convolutions stacked, GroupNorm over all positions), so a token of plain background
+also encodes what lies around it: on ShapesT2I the background positions of our global VQ tokenizer used ~400
+codes, ~5.5 nats, that all decode to grey (docs/recipe.md, section 8).
 """
 from __future__ import annotations
 
@@ -36,13 +42,14 @@ class Tokenizer(nn.Module):
     vocab_size: int
     token_dim: int
 
-    def __init__(self, model: nn.Module, *, image_size: int, grid: int, pixel_range: str) -> None:
+    def __init__(self, model: nn.Module, *, image_size: int, grid: int, pixel_range: str, local: bool = False
+                 ) -> None:
         super().__init__()
         if pixel_range not in PIXEL_RANGES:
             raise ValueError(f"pixel_range must be one of {PIXEL_RANGES}, got {pixel_range!r}")
         self.model = model
         self.image_size, self.grid, self.seq_len = image_size, grid, grid * grid
-        self.pixel_range = pixel_range
+        self.pixel_range, self.local = pixel_range, local
         self._checksum: str | None = None
         self.requires_grad_(False)
         self.eval()
@@ -52,8 +59,9 @@ class Tokenizer(nn.Module):
 
     def settings(self) -> dict:
         """Everything besides the weights that changes the tokens; part of the checksum."""
-        return dict(kind=self.kind, image_size=self.image_size, grid=self.grid, pixel_range=self.pixel_range,
-                    vocab_size=self.vocab_size, token_dim=self.token_dim)
+        settings = dict(kind=self.kind, image_size=self.image_size, grid=self.grid, pixel_range=self.pixel_range,
+                        vocab_size=self.vocab_size, token_dim=self.token_dim)
+        return dict(settings, local=True) if self.local else settings  # (absent: as before the option)
 
     @property
     def checksum(self) -> str:
@@ -71,12 +79,31 @@ class Tokenizer(nn.Module):
             raise ValueError(f"images must be (B, 3, {self.image_size}, {self.image_size}) in [-1, 1], "
                              f"got {tuple(images.shape)}")
         x = images.to(self.device, self.dtype)
-        return (x + 1) / 2 if self.pixel_range == "zero_one" else x
+        return self.model_input((x + 1) / 2 if self.pixel_range == "zero_one" else x)
 
     def _from_model(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x = self.model_output(x).float()
         x = x * 2 - 1 if self.pixel_range == "zero_one" else x
         return x.clamp(-1, 1)
+
+    # A local tokenizer's model sees one token's patch at a time: these four move between the image layout
+    # (B, C, H, W) / latent grid (B, D, g, g) and the model's batch of patches (B*g*g, C, f, f) / (B*g*g, D, 1, 1).
+    # For a global tokenizer each is the identity. Training (variants/tokenizer_train.py) uses them too.
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) as the model takes them."""
+        return to_patches(x, self.grid) if self.local else x
+
+    def latent_grid(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's latents -> (B, D, g, g)."""
+        return from_patches(h, self.grid) if self.local else h
+
+    def model_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, D, g, g) as the model's decoder takes them."""
+        return to_patches(z, self.grid) if self.local else z
+
+    def model_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's decoded images -> (B, 3, H, W)."""
+        return from_patches(x, self.grid) if self.local else x
 
     @property
     def device(self) -> torch.device:
@@ -99,21 +126,37 @@ class Tokenizer(nn.Module):
         raise NotImplementedError
 
 
+def to_patches(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, g*f, g*f) -> (B*g*g, C, f, f), the patches in raster order within each image."""
+    b, c, h, _ = x.shape
+    f = h // grid
+    return x.reshape(b, c, grid, f, grid, f).permute(0, 2, 4, 1, 3, 5).reshape(b * grid * grid, c, f, f)
+
+
+def from_patches(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """The inverse of to_patches: (B*g*g, C, f, f) -> (B, C, g*f, g*f)."""
+    n, c, f, _ = x.shape
+    b = n // (grid * grid)
+    return x.reshape(b, grid, grid, c, f, f).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * f, grid * f)
+
+
 class VQTokenizer(Tokenizer):
     """Discrete tokens: the codebook indices of a diffusers VQModel."""
 
     kind = "vq"
 
-    def __init__(self, model: nn.Module, *, image_size: int, pixel_range: str = "minus_one_one") -> None:
+    def __init__(self, model: nn.Module, *, image_size: int, pixel_range: str = "minus_one_one",
+                 local: bool = False) -> None:
         factor = 2 ** (len(model.config.block_out_channels) - 1)
         if image_size % factor:
             raise ValueError(f"image_size {image_size} is not a multiple of the VQModel's downsampling {factor}")
-        super().__init__(model, image_size=image_size, grid=image_size // factor, pixel_range=pixel_range)
+        super().__init__(model, image_size=image_size, grid=image_size // factor, pixel_range=pixel_range,
+                         local=local)
         self.vocab_size, self.token_dim = model.config.num_vq_embeddings, 0
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        h = self.model.encode(self._to_model(images)).latents  # (B, D, g, g)
+        h = self.latent_grid(self.model.encode(self._to_model(images)).latents)  # (B, D, g, g)
         codes = self.model.quantize(h)[2][2]  # flat in (b, h, w) order
         return codes.reshape(images.shape[0], self.seq_len).long()
 
@@ -128,7 +171,7 @@ class VQTokenizer(Tokenizer):
             out = self.model.decode(codes, force_not_quantize=True, shape=shape).sample
         else:
             quant = self.model.quantize.get_codebook_entry(codes, shape)  # (B, D, g, g)
-            out = self.model.decode(quant, force_not_quantize=True).sample
+            out = self.model.decode(self.model_latent(quant), force_not_quantize=True).sample
         return self._from_model(out)
 
 
@@ -138,11 +181,14 @@ class KLTokenizer(Tokenizer):
     kind = "kl"
 
     def __init__(self, model: nn.Module, *, image_size: int, patch: int = 1, scale: float | list[float] = 1.0,
-                 shift: float | list[float] = 0.0, pixel_range: str = "minus_one_one") -> None:
+                 shift: float | list[float] = 0.0, pixel_range: str = "minus_one_one", local: bool = False) -> None:
         factor = 2 ** (len(model.config.block_out_channels) - 1)
         if image_size % (factor * patch):
             raise ValueError(f"image_size {image_size} is not a multiple of downsampling {factor} x patch {patch}")
-        super().__init__(model, image_size=image_size, grid=image_size // (factor * patch), pixel_range=pixel_range)
+        if local and patch != 1:
+            raise ValueError(f"a local kl tokenizer takes patch 1 (one latent per token), got {patch}")
+        super().__init__(model, image_size=image_size, grid=image_size // (factor * patch), pixel_range=pixel_range,
+                         local=local)
         self.patch, self.latent_channels = patch, model.config.latent_channels
         self.vocab_size, self.token_dim = 0, self.latent_channels * patch * patch
         c = self.latent_channels
@@ -165,7 +211,9 @@ class KLTokenizer(Tokenizer):
         return torch.einsum("nhwcpq->nchpwq", z).reshape(b, c, g * p, g * p)  # (B, C, H', W')
 
     def _posterior(self, images: torch.Tensor):
-        return self.model.encode(self._to_model(images)).latent_dist
+        """The posterior's (mean, std), each (B, C, H', W')."""
+        post = self.model.encode(self._to_model(images)).latent_dist
+        return self.latent_grid(post.mean), self.latent_grid(post.std)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -173,10 +221,10 @@ class KLTokenizer(Tokenizer):
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        post = self._posterior(images)
+        post_mean, post_std = self._posterior(images)
         scale, shift = self.scale.view(1, -1, 1, 1), self.shift.view(1, -1, 1, 1)
-        mean = (post.mean.float() - shift) * scale
-        std = post.std.float() * scale.abs()
+        mean = (post_mean.float() - shift) * scale
+        std = post_std.float() * scale.abs()
         return self.patchify(mean), self.patchify(std)
 
     @torch.no_grad()
@@ -185,7 +233,7 @@ class KLTokenizer(Tokenizer):
             raise ValueError(f"kl tokens must be (B, {self.seq_len}, {self.token_dim}), got {tuple(tokens.shape)}")
         z = self.unpatchify(tokens.to(self.device).float())
         z = z / self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
-        return self._from_model(self.model.decode(z.to(self.dtype)).sample)
+        return self._from_model(self.model.decode(self.model_latent(z.to(self.dtype))).sample)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,11 +329,12 @@ def _load_ours(folder: Path) -> Tokenizer:
         raise FileNotFoundError(f"{folder / 'model' / 'config.json'} is missing: the tokenizer folder is incomplete")
     if meta["kind"] == "vq":
         model = VQModel.from_pretrained(folder / "model", **_NO_ACCELERATE)
-        tok: Tokenizer = VQTokenizer(model, image_size=meta["image_size"], pixel_range=meta["pixel_range"])
+        tok: Tokenizer = VQTokenizer(model, image_size=meta["image_size"], pixel_range=meta["pixel_range"],
+                                     local=bool(meta.get("local", False)))
     elif meta["kind"] == "kl":
         model = AutoencoderKL.from_pretrained(folder / "model", **_NO_ACCELERATE)
         tok = KLTokenizer(model, image_size=meta["image_size"], patch=meta["patch"], scale=meta["scale"],
-                          shift=meta["shift"], pixel_range=meta["pixel_range"])
+                          shift=meta["shift"], pixel_range=meta["pixel_range"], local=bool(meta.get("local", False)))
     else:
         raise ValueError(f"{folder / 'tokenizer.json'}: kind must be 'vq' or 'kl', got {meta['kind']!r}")
     if tok.checksum != meta["checksum"]:

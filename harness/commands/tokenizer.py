@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
                                              help="share of training images made blank (the data's background "
                                                   "only), so the tokenizer can represent an image without an "
                                                   "object [default: 0]"),
+        local: bool = typer.Option(False, "--local", help="encode and decode each token's pixel patch alone, so a "
+                                   "token depends on its own pixels only [default: the whole image]"),
         threads: int = typer.Option(0, "--threads", help="torch threads while training (0 = torch's default, "
                                                           "one per core; the count is part of the result: sums "
                                                           "split over threads round differently)"),
@@ -50,7 +52,7 @@ def register(app: typer.Typer) -> None:
         options = TokenizerTrainOptions(steps=steps, budget_s=budget_s, min_steps=min_steps, seed=seed, grid=grid,
                                         patch=patch, codebook_size=codebook_size, latent_channels=latent_channels,
                                         batch_size=batch_size, lr=lr, blank_fraction=blank_fraction,
-                                        threads=threads)
+                                        local=local, threads=threads)
         metrics = train_tokenizer_folder(kind, data, out, options)
         _print_metrics(metrics, f"{out}/metrics.json")
 
