@@ -32,8 +32,8 @@ class TokenizerTrainConfig:
     image_size: int = 32
     grid: int = 8                         # tokens per side
     patch: int = 1                        # kl: p x p latents per token
-    # The autoencoder sees each token's pixel patch alone (variants/tokenizers.py, "local"): a token depends on its
-    # own pixels only. Off: the diffusers autoencoder over the whole image, as the published tokenizers
+    # The encoder sees each token's pixel patch alone (variants/tokenizers.py, "local"): a token depends on its own
+    # pixels only; the decoder sees the whole grid. Off: the encoder sees the whole image, as the published ones
     local: bool = False
     widths: tuple[int, ...] = (16, 32, 64)  # block_out_channels; len = log2(downsampling) + 1
     layers_per_block: int = 1
@@ -102,7 +102,7 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
                   up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(cfg.widths),
                   layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
                   norm_num_groups=cfg.norm_groups, mid_block_add_attention=cfg.mid_attention,
-                  sample_size=cfg.image_size // cfg.grid if cfg.local else cfg.image_size)
+                  sample_size=cfg.image_size)
     with torch.random.fork_rng():  # diffusers initialises from the global RNG
         torch.manual_seed(cfg.seed)
         if cfg.kind == "vq":
@@ -153,7 +153,7 @@ def _kmeans(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generato
 
 
 def _encoder_vectors(tokenizer: Tokenizer, x: torch.Tensor) -> torch.Tensor:
-    h = tokenizer.latent_grid(tokenizer.model.encode(tokenizer.model_input(x)).latents)  # (B, D, g, g)
+    h = tokenizer.latent_grid(tokenizer.model.encode(tokenizer.encoder_input(x)).latents)  # (B, D, g, g)
     return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*g*g, D)
 
 
@@ -208,19 +208,20 @@ def _train(cfg: TokenizerTrainConfig, images: torch.Tensor, log) -> tuple[Tokeni
         lr *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
-        # (a local tokenizer's batch is the images' patches: model_input / model_output are identities otherwise)
-        x = tokenizer.model_input(_to_model(images[torch.randint(n, (cfg.batch_size,), generator=gen)]))
+        x = _to_model(images[torch.randint(n, (cfg.batch_size,), generator=gen)])
+        # a local tokenizer encodes the images' patches (encoder_input / latent_grid are identities otherwise)
         if cfg.kind == "kl":
-            post = model.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            post = model.encode(tokenizer.encoder_input(x)).latent_dist
+            mean, std = tokenizer.latent_grid(post.mean), tokenizer.latent_grid(post.std)
+            z = mean + std * torch.randn(mean.shape, generator=gen)
             rec = model.decode(z).sample
             # the KL term per image, as the global one's (diffusers sums it over the latent positions)
             kl = post.kl().reshape(-1, tokenizer.seq_len).sum(1) if cfg.local else post.kl()
             loss = _reconstruction_loss(rec, x, cfg.mse_weight) + cfg.kl_weight * kl.mean()
         else:
-            h = tokenizer.latent_grid(model.encode(x).latents)  # (B, D, g, g)
+            h = tokenizer.latent_grid(model.encode(tokenizer.encoder_input(x)).latents)  # (B, D, g, g)
             quant, vq_loss, (_, _, codes) = model.quantize(h)
-            rec = model.decoder(model.post_quant_conv(tokenizer.model_latent(quant)))
+            rec = model.decoder(model.post_quant_conv(quant))
             loss = _reconstruction_loss(rec, x, cfg.mse_weight) + vq_loss
             usage += torch.bincount(codes.reshape(-1), minlength=cfg.codebook_size)
         opt.zero_grad(set_to_none=True)

@@ -5,11 +5,11 @@ a diffusers AutoencoderKL folder (SD-VAE), a diffusers VQModel folder (aMUSEd VQ
 (LDM key names, mapped onto diffusers' AutoencoderKL). Tokens are laid out in raster order, (b, h, w) row-major;
 a KL token groups a p x p patch of latents channel-major, (c, p, p), as MAR's `patchify` does.
 
-A *local* tokenizer (`local=True`, ours only) runs its autoencoder on each token's f x f pixel patch alone (f the
-downsampling): a token then depends on its own pixels and nothing else. The published ones, like our default,
-see the whole image (3x3 convolutions stacked, GroupNorm over all positions), so a token of plain background
-also encodes what lies around it: on ShapesT2I the background positions of our global VQ tokenizer used ~400
-codes, ~5.5 nats, that all decode to grey (docs/recipe.md, section 8).
+A *local* tokenizer (`local=True`, ours only) runs its encoder on each token's f x f pixel patch alone (f the
+downsampling): a token then depends on its own pixels and nothing else; the decoder still sees the whole token
+grid. The published encoders, like our default, see the whole image (3x3 convolutions stacked, GroupNorm over
+all positions), so a token of plain background also encodes what lies around it: on ShapesT2I the background
+positions of our global VQ tokenizer used ~400 codes, ~5.5 nats, that all decode to grey (docs/recipe.md, 8).
 """
 from __future__ import annotations
 
@@ -79,31 +79,23 @@ class Tokenizer(nn.Module):
             raise ValueError(f"images must be (B, 3, {self.image_size}, {self.image_size}) in [-1, 1], "
                              f"got {tuple(images.shape)}")
         x = images.to(self.device, self.dtype)
-        return self.model_input((x + 1) / 2 if self.pixel_range == "zero_one" else x)
+        return (x + 1) / 2 if self.pixel_range == "zero_one" else x
 
     def _from_model(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.model_output(x).float()
+        x = x.float()
         x = x * 2 - 1 if self.pixel_range == "zero_one" else x
         return x.clamp(-1, 1)
 
-    # A local tokenizer's model sees one token's patch at a time: these four move between the image layout
-    # (B, C, H, W) / latent grid (B, D, g, g) and the model's batch of patches (B*g*g, C, f, f) / (B*g*g, D, 1, 1).
-    # For a global tokenizer each is the identity. Training (variants/tokenizer_train.py) uses them too.
-    def model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) as the model takes them."""
+    # A local tokenizer's encoder sees one token's patch at a time: these two move between the image layout
+    # (B, 3, H, W) / latent grid (B, D, g, g) and the encoder's batch of patches (B*g*g, 3, f, f) / (B*g*g, D, 1, 1).
+    # For a global tokenizer both are the identity. Training (variants/tokenizer_train.py) uses them too.
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W), in the model's pixel range, as the encoder takes them."""
         return to_patches(x, self.grid) if self.local else x
 
     def latent_grid(self, h: torch.Tensor) -> torch.Tensor:
-        """The model's latents -> (B, D, g, g)."""
+        """The encoder's latents -> (B, D, g, g)."""
         return from_patches(h, self.grid) if self.local else h
-
-    def model_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, D, g, g) as the model's decoder takes them."""
-        return to_patches(z, self.grid) if self.local else z
-
-    def model_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's decoded images -> (B, 3, H, W)."""
-        return from_patches(x, self.grid) if self.local else x
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +148,7 @@ class VQTokenizer(Tokenizer):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        h = self.latent_grid(self.model.encode(self._to_model(images)).latents)  # (B, D, g, g)
+        h = self.latent_grid(self.model.encode(self.encoder_input(self._to_model(images))).latents)  # (B,D,g,g)
         codes = self.model.quantize(h)[2][2]  # flat in (b, h, w) order
         return codes.reshape(images.shape[0], self.seq_len).long()
 
@@ -171,7 +163,7 @@ class VQTokenizer(Tokenizer):
             out = self.model.decode(codes, force_not_quantize=True, shape=shape).sample
         else:
             quant = self.model.quantize.get_codebook_entry(codes, shape)  # (B, D, g, g)
-            out = self.model.decode(self.model_latent(quant), force_not_quantize=True).sample
+            out = self.model.decode(quant, force_not_quantize=True).sample
         return self._from_model(out)
 
 
@@ -212,7 +204,7 @@ class KLTokenizer(Tokenizer):
 
     def _posterior(self, images: torch.Tensor):
         """The posterior's (mean, std), each (B, C, H', W')."""
-        post = self.model.encode(self._to_model(images)).latent_dist
+        post = self.model.encode(self.encoder_input(self._to_model(images))).latent_dist
         return self.latent_grid(post.mean), self.latent_grid(post.std)
 
     @torch.no_grad()
@@ -233,7 +225,7 @@ class KLTokenizer(Tokenizer):
             raise ValueError(f"kl tokens must be (B, {self.seq_len}, {self.token_dim}), got {tuple(tokens.shape)}")
         z = self.unpatchify(tokens.to(self.device).float())
         z = z / self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
-        return self._from_model(self.model.decode(self.model_latent(z.to(self.dtype))).sample)
+        return self._from_model(self.model.decode(z.to(self.dtype)).sample)
 
 
 # ---------------------------------------------------------------------------------------------------------------
