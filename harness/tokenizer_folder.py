@@ -36,7 +36,7 @@ class TokenizerTrainOptions:
                                         # data's background; every k-th image, k = round(1 / fraction)): ShapesT2I
                                         # has no image without an object, and a tokenizer that never saw one
                                         # decodes an all-background token grid as texture (docs/recipe.md, 7)
-    local: bool = False                 # each token's pixel patch encoded and decoded alone (variants/tokenizers.py)
+    local: bool = False                 # each token's pixel patch encoded alone (variants/tokenizers.py)
     threads: int = 0                    # torch threads while training (0 = this process's torch thread count: in a
                                         # sweep the job's threads; never the machine's load, which would make
                                         # the tokenizer, and every result after it, depend on what else ran)

@@ -40,8 +40,9 @@ def register(app: typer.Typer) -> None:
                                              help="share of training images made blank (the data's background "
                                                   "only), so the tokenizer can represent an image without an "
                                                   "object [default: 0]"),
-        local: bool = typer.Option(False, "--local", help="encode and decode each token's pixel patch alone, so a "
-                                   "token depends on its own pixels only [default: the whole image]"),
+        local: bool = typer.Option(False, "--local", help="encode each token's pixel patch alone, so a token depends "
+                                   "on its own pixels only (the decoder sees every token) [default: the encoder "
+                                   "sees the whole image]"),
         threads: int = typer.Option(0, "--threads", help="torch threads while training (0 = torch's default, "
                                                           "one per core; the count is part of the result: sums "
                                                           "split over threads round differently)"),
