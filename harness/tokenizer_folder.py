@@ -67,7 +67,7 @@ def train_tokenizer_folder(kind: str, data: str | Path, out: str | Path, options
         cfg = default_config(kind, image_size=train_images.shape[-1], grid=o.grid, patch=o.patch,
                              codebook_size=o.codebook_size, steps=o.steps, time_budget_s=o.budget_s,
                              seed=o.seed, min_steps=o.min_steps, threads=threads, latent_channels=o.latent_channels,
-                             batch_size=o.batch_size, lr=o.lr, local=o.local or None)
+                             batch_size=o.batch_size, lr=o.lr, local=o.local)
     except ValueError as e:
         raise FluidbenchError(f"tokenizer settings: {e}") from None
     tokenizer, stats = train_tokenizer(cfg, train_images, log=_progress(cfg))

@@ -152,8 +152,8 @@ def _kmeans(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generato
     return centres
 
 
-def _encoder_vectors(tokenizer: Tokenizer, x: torch.Tensor) -> torch.Tensor:
-    h = tokenizer.latent_grid(tokenizer.model.encode(tokenizer.encoder_input(x)).latents)  # (B, D, g, g)
+def _encoder_vectors(tokenizer: VQTokenizer, x: torch.Tensor) -> torch.Tensor:
+    h = tokenizer.encoder_latents(x)  # (B, D, g, g)
     return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*g*g, D)
 
 
@@ -219,7 +219,7 @@ def _train(cfg: TokenizerTrainConfig, images: torch.Tensor, log) -> tuple[Tokeni
             kl = post.kl().reshape(-1, tokenizer.seq_len).sum(1) if cfg.local else post.kl()
             loss = _reconstruction_loss(rec, x, cfg.mse_weight) + cfg.kl_weight * kl.mean()
         else:
-            h = tokenizer.latent_grid(model.encode(tokenizer.encoder_input(x)).latents)  # (B, D, g, g)
+            h = tokenizer.encoder_latents(x)  # (B, D, g, g)
             quant, vq_loss, (_, _, codes) = model.quantize(h)
             rec = model.decoder(model.post_quant_conv(quant))
             loss = _reconstruction_loss(rec, x, cfg.mse_weight) + vq_loss
@@ -268,7 +268,7 @@ def _estimate_normalisation(tokenizer: KLTokenizer, images: torch.Tensor, gen: t
     pick = torch.randperm(len(images), generator=gen)[:n]
     draws = []
     for batch in images[pick].split(256):
-        mean, std = tokenizer._posterior(batch.float() / 127.5 - 1)
+        mean, std = tokenizer._posterior(_to_model(batch))
         draws.append(mean + std * torch.randn(mean.shape, generator=gen))
     z = torch.cat(draws).transpose(0, 1).reshape(tokenizer.latent_channels, -1)  # (C, N*H*W)
     tokenizer.shift.copy_(z.mean(1))

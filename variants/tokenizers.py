@@ -146,9 +146,14 @@ class VQTokenizer(Tokenizer):
                          local=local)
         self.vocab_size, self.token_dim = model.config.num_vq_embeddings, 0
 
+    def encoder_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's latents before quantisation, (B, D, g, g), of images already in the model's pixel range
+        (training calls this too, with gradients)."""
+        return self.latent_grid(self.model.encode(self.encoder_input(x)).latents)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        h = self.latent_grid(self.model.encode(self.encoder_input(self._to_model(images))).latents)  # (B,D,g,g)
+        h = self.encoder_latents(self._to_model(images))
         codes = self.model.quantize(h)[2][2]  # flat in (b, h, w) order
         return codes.reshape(images.shape[0], self.seq_len).long()
 
