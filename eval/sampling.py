@@ -128,7 +128,7 @@ def generate(run: Any, captions: Sequence[str], settings: SamplingSettings, stat
         tokens = variant.sample(text.to(device), text_mask.to(device), cfg_scale=resolved["cfg_scale"],
                                 temperature=resolved["temperature"], steps=resolved["steps"],
                                 head_steps=resolved["head_steps"], x0_clip=resolved["x0_clip"],
-                                head_solver=resolved["head_solver"],
+                                head_solver=resolved["head_solver"], reveal=resolved["reveal"],
                                 generator=generator)
         images = to_uint8(tokenizer.decode(tokens))
         if stats is not None:

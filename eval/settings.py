@@ -28,13 +28,15 @@ class SamplingSettings:
                                  "each step (default: the variant's; none = MAR's unclipped sampler).")
     head_solver: str | None = flag(None, "--head-solver", help="Diffusion-head sampler: ddpm, ddim or dpm++ "
                                    "(default: the variant's, ddpm).")
+    reveal: str | None = flag(None, "--reveal", help="Random order: which positions each step writes, random "
+                              "(MAR) or confidence (MaskGIT, vq only) (default: the variant's, random).")
     batch_size: int = flag(64, "--batch-size", help="Captions sampled per batch.", min=1)
     seed: int = flag(0, "--seed", help="Sampling seed.")
 
     def resolved(self, variant: Any) -> dict:
         """The settings actually used, with the variant's defaults filled in (recorded with every result)."""
         out = asdict(self)
-        for key in ("cfg_scale", "temperature", "steps", "head_steps", "x0_clip", "head_solver"):
+        for key in ("cfg_scale", "temperature", "steps", "head_steps", "x0_clip", "head_solver", "reveal"):
             if out[key] is None:
                 out[key] = variant.defaults.get(key)
         return out

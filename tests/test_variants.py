@@ -235,6 +235,62 @@ def test_random_order_reveals_every_token_once(name, steps):
     assert torch.equal(stats["reveal_counts"], torch.ones(B, L, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("steps", [1, 3, L])
+def test_confidence_reveal_writes_every_position_once(steps):
+    v = tiny("vq-random").eval()
+    _, text, mask = batch(v)
+    tokens = v.sample(text, mask, steps=steps, reveal="confidence", generator=gen())
+    stats = v.last_sample_stats
+    assert stats["reveal"] == "confidence" and stats["forward_passes"] == steps
+    assert stats["revealed_per_step"] == reveal_schedule(L, steps)
+    assert torch.equal(stats["reveal_counts"], torch.ones(B, L, dtype=torch.int64))
+    assert tokens.shape == (B, L) and 0 <= tokens.min() and tokens.max() < V
+    # the default stays MAR's random order, draw for draw
+    assert torch.equal(v.sample(text, mask, steps=3, generator=gen()),
+                       v.sample(text, mask, steps=3, reveal="random", generator=gen()))
+
+
+def test_confidence_reveal_keeps_the_most_probable_masked_codes():
+    """With the choice noise annealed away, a step writes the n masked positions whose drawn codes are most
+    probable, and never a known one (MaskGIT's rule, recomputed here from the same draws)."""
+    v = tiny("vq-random").eval()
+    _, text, mask = batch(v)
+    ctx, ctx_mask = v.backbone.encode_text(text, mask)
+    known = torch.zeros(B, L, dtype=torch.bool)
+    known[:, ::3] = True  # the positions a most-probable pick would otherwise often take are known
+    tokens = torch.randint(0, V, (B, L), generator=gen(1))
+    x = torch.where(known[..., None], v.embed(tokens), v.order.mask_token)
+    with torch.no_grad():
+        out, idx = v.order._confident(v, x, ctx, ctx_mask, v.backbone.text_kv(ctx), tokens, known, 3, None, 1.0,
+                                      0.0, gen(2))
+        z = v.backbone(x, ctx, ctx_mask, causal=False)
+        codes, logp = v.head.sample_scored(z.flatten(0, 1), temperature=1.0, generator=gen(2))
+    expected = logp.view(B, L).masked_fill(known, float("-inf")).topk(3, dim=1).indices
+    assert torch.equal(idx.sort(1).values, expected.sort(1).values) and not known.gather(1, idx).any()
+    assert torch.equal(out.gather(1, idx), codes.view(B, L).gather(1, idx))
+    untouched = torch.ones(B, L, dtype=torch.bool).scatter(1, idx, False)
+    assert torch.equal(out[untouched], tokens[untouched])
+
+
+def test_sample_scored_is_the_drawn_codes_log_probability():
+    head = CategoricalHead(8, V)
+    z = torch.randn(6, 8)
+    codes, logp = head.sample_scored(z, temperature=0.5, generator=gen())
+    assert torch.equal(codes, head.sample(z, temperature=0.5, generator=gen()))
+    assert torch.allclose(logp, (head.proj(z) / 0.5).log_softmax(-1).gather(1, codes[:, None])[:, 0])
+
+
+def test_confidence_reveal_needs_codes():
+    with pytest.raises(ValueError, match="reveal"):
+        tiny("kl-random", reveal="confidence")
+    v = tiny("kl-random").eval()
+    _, text, mask = batch(v)
+    with pytest.raises(ValueError, match="confidence"):
+        v.sample(text, mask, reveal="confidence", generator=gen())
+    with pytest.raises(ValueError, match="reveal"):
+        tiny("vq-random").sample(text, mask, reveal="sideways")
+
+
 @pytest.mark.parametrize("mask_ratio", ["truncnorm", "cosine"])
 def test_masking_ratio(mask_ratio):
     order = tiny("vq-random", mask_ratio=mask_ratio).order

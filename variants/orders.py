@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from variants.variant import Variant
 
 
+REVEALS = ("random", "confidence")  # which positions a random-order step writes (RandomOrder.sample)
+
+
 def reveal_schedule(seq_len: int, steps: int) -> list[int]:
     """Tokens revealed at each of `steps` steps: at step k keep floor(L cos(pi/2 (k+1)/K)) masked (MAR),
     at least one revealed per step, all L after the last step."""
@@ -88,7 +91,7 @@ class RasterOrder(nn.Module):
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,
                kv_cache: bool = True, x0_clip: float | None = None,
-               head_solver: str = "ddpm") -> tuple[torch.Tensor, dict]:
+               head_solver: str = "ddpm", reveal: str = "random") -> tuple[torch.Tensor, dict]:
         """Tokens (B, L[, C]) one position at a time; constant guidance. `kv_cache=False` recomputes the
         whole prefix every step (the reference for the cache and the benchmark's baseline)."""
         backbone, L = variant.backbone, self.seq_len
@@ -208,9 +211,11 @@ class RandomOrder(nn.Module):
     def sample(self, variant: "Variant", ctx: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None,
                temperature: float, steps: int, head_steps: int, generator: torch.Generator | None,
                kv_cache: bool = True, x0_clip: float | None = None,
-               head_solver: str = "ddpm") -> tuple[torch.Tensor, dict]:
+               head_solver: str = "ddpm", reveal: str = "random") -> tuple[torch.Tensor, dict]:
         """Tokens (B, L[, C]) in `steps` full passes; guidance ramps w_k = 1 + (w - 1) * revealed / L with
-        `revealed` counted after the step (MAR). `kv_cache` is ignored: bidirectional attention has none."""
+        `revealed` counted after the step (MAR). `kv_cache` is ignored: bidirectional attention has none.
+        `reveal`: which positions each step writes, "random" (a random order per sample, MAR and Fluid) or
+        "confidence" (the most confident of codes drawn at every masked position, MaskGIT; codes only)."""
         backbone, L, head = variant.backbone, self.seq_len, variant.head
         guided = cfg_scale is not None
         B = ctx.shape[0] // 2 if guided else ctx.shape[0]
@@ -222,8 +227,17 @@ class RandomOrder(nn.Module):
         counts = reveal_schedule(L, steps)
         text_kv = backbone.text_kv(ctx)  # every pass sees the same text: its K/V once, not once per pass
         revealed = 0
-        for n in counts:
+        for k, n in enumerate(counts):
             x = torch.where(known[..., None], variant.embed(tokens), self.mask_token.to(ctx.dtype))  # (B, L, W)
+            if reveal == "confidence":
+                w = 1 + (cfg_scale - 1) * (revealed + n) / L if guided else None
+                tokens, idx = self._confident(variant, torch.cat([x, x]) if guided else x, ctx, text_mask, text_kv,
+                                              tokens, known, n, w, temperature, 1 - (k + 1) / len(counts),
+                                              generator)
+                known = known.scatter(1, idx, True)
+                reveals = reveals.scatter_add(1, idx, torch.ones_like(idx))
+                revealed += n
+                continue
             idx = order[:, revealed: revealed + n]  # (B, n): positions revealed now
             rows_idx = torch.cat([idx, idx]) if guided else idx
             z_new = backbone(torch.cat([x, x]) if guided else x, ctx, text_mask, causal=False, text_kv=text_kv,
@@ -237,5 +251,24 @@ class RandomOrder(nn.Module):
             known = known.scatter(1, idx, True)
             reveals = reveals.scatter_add(1, idx, torch.ones_like(idx))
             revealed += n
-        stats = _stats(len(counts), guided, len(counts)) | {"revealed_per_step": counts, "reveal_counts": reveals}
+        stats = _stats(len(counts), guided, len(counts)) | {"revealed_per_step": counts, "reveal_counts": reveals,
+                                                             "reveal": reveal}
         return tokens, stats
+
+    CHOICE_TEMPERATURE = 4.5  # MaskGIT's: the Gumbel noise on the confidences, annealed to 0 at the last step
+
+    def _confident(self, variant: "Variant", x: torch.Tensor, ctx: torch.Tensor, text_mask: torch.Tensor,
+                   text_kv: list, tokens: torch.Tensor, known: torch.Tensor, n: int, cfg_scale: float | None,
+                   temperature: float, anneal: float,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of MaskGIT's reveal (Chang et al. 2022): draw a code at every masked position, keep the `n`
+        whose log-probability plus Gumbel noise x CHOICE_TEMPERATURE x `anneal` is highest, re-mask the rest.
+        Returns the tokens with those n written and their positions (B, n)."""
+        B, L = known.shape
+        z = variant.backbone(x, ctx, text_mask, causal=False, text_kv=text_kv)  # (rows, L, W)
+        codes, logp = variant.head.sample_scored(z.flatten(0, 1), temperature=temperature, cfg_scale=cfg_scale,
+                                                 generator=generator)
+        u = rng.uniform((B, L), generator, known.device).clamp_(1e-20, 1 - 1e-7)
+        score = logp.view(B, L) - self.CHOICE_TEMPERATURE * anneal * torch.log(-torch.log(u))
+        idx = score.masked_fill(known, float("-inf")).topk(n, dim=1).indices  # (B, n): never a known position
+        return tokens.scatter(1, idx, codes.view(B, L).gather(1, idx)), idx

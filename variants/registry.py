@@ -15,7 +15,7 @@ from torch import nn
 from variants.backbone import Backbone
 from variants.diffusion import SOLVERS
 from variants.heads import CategoricalHead, DiffusionHead
-from variants.orders import RandomOrder, RasterOrder
+from variants.orders import REVEALS, RandomOrder, RasterOrder
 from variants.variant import Variant
 
 VARIANTS = {"vq-raster": (RasterOrder, CategoricalHead), "vq-random": (RandomOrder, CategoricalHead),
@@ -91,6 +91,7 @@ OPTIONS = {
     "head_steps": 100,            # diffusion head sampling steps
     "x0_clip": None,              # diffusion head: clamp predicted x0 to +-x0_clip each step (None: MAR, unclipped)
     "head_solver": "ddpm",        # diffusion head sampler: ddpm (MAR), ddim or dpm++ (variants/diffusion.py)
+    "reveal": "random",           # random order: which positions a step writes, random (MAR) or confidence (MaskGIT, vq)
 }
 
 
@@ -120,6 +121,9 @@ def build_variant(name: str, size: str, *, seq_len: int, vocab_size: int, token_
         raise ValueError(f"grid_bias must be a number >= 0 (0 = off), got {o['grid_bias']!r}")
     if o["head_solver"] not in SOLVERS:
         raise ValueError(f"head_solver must be one of {', '.join(SOLVERS)}, got {o['head_solver']!r}")
+    if o["reveal"] not in REVEALS or (o["reveal"] == "confidence" and VARIANTS[name][1] is DiffusionHead):
+        raise ValueError(f"reveal must be one of {', '.join(REVEALS)} (confidence: vq variants only), "
+                         f"got {o['reveal']!r} for {name}")
     rung = replace(find_rung(size, ladder), **{k: o[k] for k in RUNG_FIELDS if o[k] is not None})
     order_cls, head_cls = VARIANTS[name]
     W = rung.width
@@ -143,7 +147,8 @@ def build_variant(name: str, size: str, *, seq_len: int, vocab_size: int, token_
                 "temperature": temperature if o["temperature"] is None else o["temperature"],
                 "steps": order.default_steps(), "head_steps": head_steps,
                 "x0_clip": o["x0_clip"] if head_cls is DiffusionHead else None,
-                "head_solver": o["head_solver"] if head_cls is DiffusionHead else None}
+                "head_solver": o["head_solver"] if head_cls is DiffusionHead else None,
+                "reveal": o["reveal"] if order_cls is RandomOrder else None}
     config = {"name": name, "size": size, "ladder": ladder, "seq_len": seq_len, "vocab_size": vocab_size,
               "token_dim": token_dim, "text_dim": text_dim, **options}
     text_len = o["text_len"] or LADDER_SHAPES[ladder]["text_len"]

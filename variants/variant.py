@@ -11,6 +11,7 @@ from torch import nn
 from variants import rng
 from variants.backbone import AlignerBlock, Backbone, Block
 from variants.diffusion import SOLVERS
+from variants.orders import REVEALS
 from variants.heads import AdaLNBlock
 
 
@@ -130,7 +131,8 @@ class Variant(nn.Module):
     def sample(self, text: torch.Tensor, text_mask: torch.Tensor, *, cfg_scale: float | None = None,
                temperature: float | None = None, steps: int | None = None, head_steps: int | None = None,
                generator: torch.Generator | None = None, kv_cache: bool = True,
-               x0_clip: float | None = None, head_solver: str | None = None) -> torch.Tensor:
+               x0_clip: float | None = None, head_solver: str | None = None,
+               reveal: str | None = None) -> torch.Tensor:
         """Tokens for each caption, in the tokenizer's layout: (B, L) int64 codes or (B, L, C) latents.
 
         None = the variant's paper default (`self.defaults`). cfg_scale 1.0 runs no null branch; any other
@@ -138,7 +140,9 @@ class Variant(nn.Module):
         order (raster order ignores it: always L steps, as the stats say). `head_steps`: diffusion head steps (ignored by codes).
         `x0_clip`: bound on the diffusion head's predicted x0 at every step (None: the variant's default,
         itself None = MAR's unclipped sampler; ignored by codes). `head_solver`: the diffusion head's sampler,
-        ddpm (MAR), ddim or dpm++ (None: the variant's default; ignored by codes).
+        ddpm (MAR), ddim or dpm++ (None: the variant's default; ignored by codes). `reveal`: which positions
+        each random-order step writes, random (MAR, Fluid) or confidence (MaskGIT; codes only); None: the
+        variant's default; raster order ignores it.
         `kv_cache=False`: raster order recomputes the whole prefix each step (reference / benchmark).
         Statistics of the run land in `self.last_sample_stats`.
         """
@@ -154,6 +158,12 @@ class Variant(nn.Module):
         head_solver = d.get("head_solver") if head_solver is None else head_solver
         if self.token_kind == "kl" and head_solver not in SOLVERS:
             raise ValueError(f"{self.name}: head_solver must be one of {', '.join(SOLVERS)}, got {head_solver!r}")
+        reveal = d.get("reveal") if reveal is None else reveal
+        if reveal is not None and reveal not in REVEALS:
+            raise ValueError(f"{self.name}: reveal must be one of {', '.join(REVEALS)}, got {reveal!r}")
+        if reveal == "confidence" and self.token_kind != "vq":
+            raise ValueError(f"{self.name}: reveal 'confidence' needs code probabilities (a vq variant); "
+                             f"a diffusion head has none")
         guided = cfg != 1.0
         text, text_mask, padded = trim_text(text.to(self.backbone.text_proj.weight.dtype), text_mask)
         encode = self.backbone.guided_text if guided else self.backbone.encode_text
@@ -161,10 +171,10 @@ class Variant(nn.Module):
         tokens, stats = self.order.sample(self, ctx, mask if padded else None, cfg_scale=cfg if guided else None,
                                           temperature=temperature, steps=steps, head_steps=head_steps,
                                           generator=generator, kv_cache=kv_cache, x0_clip=x0_clip,
-                                          head_solver=head_solver or "ddpm")
+                                          head_solver=head_solver or "ddpm", reveal=reveal or "random")
         self.last_sample_stats = stats | {"steps": steps, "head_steps": head_steps, "cfg_scale": cfg,
                                           "temperature": temperature, "x0_clip": x0_clip,
-                                          "head_solver": head_solver}
+                                          "head_solver": head_solver, "reveal": reveal}
         return tokens
 
     def random_tokens(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -19,6 +19,8 @@ def sample(
                                             "predicted x0 to +-X each step (default: the variant's)."),
     head_solver: Optional[str] = typer.Option(None, "--head-solver", help="Diffusion-head sampler: ddpm, ddim "
                                               "or dpm++ (default: the variant's, ddpm)."),
+    reveal: Optional[str] = typer.Option(None, "--reveal", help="Random order: which positions each step writes, "
+                                         "random (MAR) or confidence (MaskGIT, vq only)."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", help="PNG file to write the grid to."),
 ) -> None:
@@ -32,7 +34,8 @@ def sample(
         raise ValueError(f"--out {out}: expected a .png file (samples are never stored lossy)")
     loaded = load_run(run)
     settings = SamplingSettings(cfg_scale=cfg, temperature=temperature, steps=steps, head_steps=head_steps,
-                                x0_clip=x0_clip, head_solver=head_solver, batch_size=n, seed=seed)
+                                x0_clip=x0_clip, head_solver=head_solver, reveal=reveal, batch_size=n,
+                                seed=seed)
     images = [image for _, image in generate(loaded, [prompt] * n, settings, progress=False)]
     write_bytes(out, png_bytes(image_grid(images)))
     typer.echo(f"wrote {out} ({n} samples of {prompt!r}, {settings.resolved(loaded.variant)})")
