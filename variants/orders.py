@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from variants.variant import Variant
 
 
-REVEALS = ("random", "confidence")  # which positions a random-order step writes (RandomOrder.sample)
-
-
 def reveal_schedule(seq_len: int, steps: int) -> list[int]:
     """Tokens revealed at each of `steps` steps: at step k keep floor(L cos(pi/2 (k+1)/K)) masked (MAR),
     at least one revealed per step, all L after the last step."""

@@ -15,8 +15,8 @@ from torch import nn
 from variants.backbone import Backbone
 from variants.diffusion import SOLVERS
 from variants.heads import CategoricalHead, DiffusionHead
-from variants.orders import REVEALS, RandomOrder, RasterOrder
-from variants.variant import Variant
+from variants.orders import RandomOrder, RasterOrder
+from variants.variant import REVEALS, Variant
 
 VARIANTS = {"vq-raster": (RasterOrder, CategoricalHead), "vq-random": (RandomOrder, CategoricalHead),
             "kl-raster": (RasterOrder, DiffusionHead), "kl-random": (RandomOrder, DiffusionHead)}

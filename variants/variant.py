@@ -11,8 +11,9 @@ from torch import nn
 from variants import rng
 from variants.backbone import AlignerBlock, Backbone, Block
 from variants.diffusion import SOLVERS
-from variants.orders import REVEALS
 from variants.heads import AdaLNBlock
+
+REVEALS = ("random", "confidence")  # which positions a random-order step writes (RandomOrder.sample)
 
 
 def trim_text(text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
