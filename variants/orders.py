@@ -226,25 +226,20 @@ class RandomOrder(nn.Module):
         revealed = 0
         for k, n in enumerate(counts):
             x = torch.where(known[..., None], variant.embed(tokens), self.mask_token.to(ctx.dtype))  # (B, L, W)
-            if reveal == "confidence":
-                w = 1 + (cfg_scale - 1) * (revealed + n) / L if guided else None
-                tokens, idx = self._confident(variant, torch.cat([x, x]) if guided else x, ctx, text_mask, text_kv,
-                                              tokens, known, n, w, temperature, 1 - (k + 1) / len(counts),
-                                              generator)
-                known = known.scatter(1, idx, True)
-                reveals = reveals.scatter_add(1, idx, torch.ones_like(idx))
-                revealed += n
-                continue
-            idx = order[:, revealed: revealed + n]  # (B, n): positions revealed now
-            rows_idx = torch.cat([idx, idx]) if guided else idx
-            z_new = backbone(torch.cat([x, x]) if guided else x, ctx, text_mask, causal=False, text_kv=text_kv,
-                             positions=rows_idx)  # (rows, n, W): the outputs at the revealed positions only
+            x = torch.cat([x, x]) if guided else x  # (rows, L, W)
             w = 1 + (cfg_scale - 1) * (revealed + n) / L if guided else None
-            new = head.sample(z_new.flatten(0, 1), temperature=temperature, cfg_scale=w, generator=generator,
-                              steps=head_steps, x0_clip=x0_clip, solver=head_solver)  # (B * n[, C]): all of this step
-            new = new.view(B, n, *tokens.shape[2:])
-            scatter_idx = idx.view(B, n, *([1] * (tokens.dim() - 2))).expand_as(new)
-            tokens = tokens.scatter(1, scatter_idx, new.to(tokens.dtype))
+            if reveal == "confidence":
+                tokens, idx = self._confident(variant, x, ctx, text_mask, text_kv, tokens, known, n, w, temperature,
+                                              1 - (k + 1) / len(counts), generator)
+            else:
+                idx = order[:, revealed: revealed + n]  # (B, n): positions revealed now
+                z_new = backbone(x, ctx, text_mask, causal=False, text_kv=text_kv,
+                                 positions=torch.cat([idx, idx]) if guided else idx)  # (rows, n, W): those only
+                new = head.sample(z_new.flatten(0, 1), temperature=temperature, cfg_scale=w, generator=generator,
+                                  steps=head_steps, x0_clip=x0_clip, solver=head_solver)  # (B * n[, C])
+                new = new.view(B, n, *tokens.shape[2:])
+                scatter_idx = idx.view(B, n, *([1] * (tokens.dim() - 2))).expand_as(new)
+                tokens = tokens.scatter(1, scatter_idx, new.to(tokens.dtype))
             known = known.scatter(1, idx, True)
             reveals = reveals.scatter_add(1, idx, torch.ones_like(idx))
             revealed += n
