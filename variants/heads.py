@@ -57,26 +57,30 @@ class CategoricalHead(nn.Module):
                x0_clip: float | None = None, solver: str = "ddpm") -> torch.Tensor:
         """Codes (N,): guidance on logits l_u + w (l_c - l_u), then temperature, top-k, Gumbel-max draw.
         `steps`, `x0_clip` and `solver` are diffusion settings, ignored here so one setting serves every variant."""
-        return self.sample_scored(z, temperature=temperature, cfg_scale=cfg_scale, generator=generator)[0]
+        return self._draw(z, temperature, cfg_scale, generator)[0]
 
     def sample_scored(self, z: torch.Tensor, *, temperature: float, cfg_scale: float | None = None,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (N,) as `sample` draws them and each code's log-probability (N,) under the distribution it was
         drawn from (guided, tempered, top-k): the confidence of MaskGIT's reveal order (variants/orders.py)."""
+        codes, logits = self._draw(z, temperature, cfg_scale, generator)
+        return codes, logits.log_softmax(dim=-1).gather(1, codes[:, None])[:, 0]
+
+    def _draw(self, z: torch.Tensor, temperature: float, cfg_scale: float | None,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (N,) and the logits (N, V) they were drawn from."""
         logits = self.proj(z).float()
         if cfg_scale is not None:
             cond, uncond = logits.chunk(2)
             logits = uncond + cfg_scale * (cond - uncond)
         if temperature <= 0:
-            codes = logits.argmax(dim=-1)
-        else:
-            logits = logits / temperature
-            if self.top_k is not None and self.top_k < self.vocab_size:
-                kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            u = rng.uniform(tuple(logits.shape), generator, logits.device).clamp_(1e-20, 1 - 1e-7)
-            codes = (logits - torch.log(-torch.log(u))).argmax(dim=-1)  # Gumbel-max == a categorical draw
-        return codes, logits.log_softmax(dim=-1).gather(1, codes[:, None])[:, 0]
+            return logits.argmax(dim=-1), logits
+        logits = logits / temperature
+        if self.top_k is not None and self.top_k < self.vocab_size:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        gumbel = rng.gumbel(tuple(logits.shape), generator, logits.device)
+        return (logits + gumbel).argmax(dim=-1), logits  # Gumbel-max == a categorical draw
 
 
 class TimestepEmbedder(nn.Module):

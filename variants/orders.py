@@ -260,7 +260,6 @@ class RandomOrder(nn.Module):
         z = variant.backbone(x, ctx, text_mask, causal=False, text_kv=text_kv)  # (rows, L, W)
         codes, logp = variant.head.sample_scored(z.flatten(0, 1), temperature=temperature, cfg_scale=cfg_scale,
                                                  generator=generator)
-        u = rng.uniform((B, L), generator, known.device).clamp_(1e-20, 1 - 1e-7)
-        score = logp.view(B, L) - self.CHOICE_TEMPERATURE * anneal * torch.log(-torch.log(u))
+        score = logp.view(B, L) + self.CHOICE_TEMPERATURE * anneal * rng.gumbel((B, L), generator, known.device)
         idx = score.masked_fill(known, float("-inf")).topk(n, dim=1).indices  # (B, n): never a known position
         return tokens.scatter(1, idx, codes.view(B, L).gather(1, idx)), idx

@@ -24,6 +24,12 @@ def normal(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     return x.to(device, non_blocking=True)
 
 
+def gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel float32 of `shape` on `device`: -log(-log(u)), u uniform kept off 0 and 1 (Gumbel-max)."""
+    u = uniform(shape, generator, device).clamp_(1e-20, 1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
 def integers(high: int, shape: tuple[int, ...], generator: torch.Generator | None,
              device: torch.device) -> torch.Tensor:
     """Uniform int64 in [0, high) of `shape` on `device`."""
