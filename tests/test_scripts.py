@@ -67,3 +67,14 @@ def test_object_loss_random_order_knows_every_other_token(grid_bias):
         other[:, 5] = (tokens[:, 5] + 1) % V
         moved = _script("object-loss").position_losses(v, other, text, text_mask)
         assert not torch.allclose(moved[:, 4], ce[:, 4])  # a neighbour's loss does see token 5
+
+
+def test_sample_paint_counts_the_tokens_that_are_not_the_commonest_code():
+    s = _script("sample-paint")
+    tokens = torch.full((4, L), 7)
+    tokens[0, :3] = 2  # 3 painted
+    tokens[1, 5] = 0  # 1 painted
+    tokens[3] = torch.arange(L)  # 15 painted (position 7 holds the background code)
+    assert s.background_code(tokens) == 7
+    assert s.paint(tokens, 7).tolist() == [3, 1, 0, 15]
+    assert s.describe(s.paint(tokens, 7)).startswith("4.8 per image (median 1, blank 25%)")
