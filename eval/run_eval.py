@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from eval.geneval_folder import iter_prompt_folders, load_prompts, write_prompt_folder
-from eval.sampling import LatentStats, SamplingSettings, SamplingStats, generate
+from eval.sampling import CodeStats, LatentStats, SamplingSettings, SamplingStats, generate
 from harness.atomic import write_json
 from harness.data import profile
 from harness.errors import FluidbenchError
@@ -233,6 +233,13 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
         m = min(n, 1000)  # moments settle long before COCO-30K's 30,000 encodes would finish
         real = (torch.stack([dataset[i][0] for i in range(k, min(k + 64, m))]) for k in range(0, m, 64))
         result["latents"] = latent_comparison(stats.latents, data_latent_stats(run.tokenizer, real, seed))
+    # discrete tokens on a plain background: non-background codes per image, sampled against the same real images
+    if stats.codes.images and getattr(run.tokenizer, "kind", None) == "vq" and profile(kind).plain_background:
+        from eval.sampling import data_code_stats, paint_comparison
+
+        m = min(n, 1000)
+        real = (torch.stack([dataset[i][0] for i in range(k, min(k + 64, m))]) for k in range(0, m, 64))
+        result["paint"] = paint_comparison(stats.codes, data_code_stats(run.tokenizer, real))
     write_json(Path(run_dir) / "eval" / result_file, result)
     return result
 
@@ -269,6 +276,7 @@ def _cached_samples(folder: Path, run: Any, captions: list[str], settings: Sampl
     if path.is_file() and made:  # reuse, with the cost (and latent moments) measured when they were made
         stats.images, stats.seconds, stats.cost = made["images"], made["seconds"], made["cost"]
         stats.latents = LatentStats(**made.get("latents", {}))
+        stats.codes = CodeStats(**made.get("codes", {}))
         return np.load(path)
     images = np.stack([image for _, image in generate(run, captions, settings, stats, progress=progress,
                                                        desc="samples")])
@@ -276,7 +284,8 @@ def _cached_samples(folder: Path, run: Any, captions: list[str], settings: Sampl
         with open(tmp, "wb") as f:
             np.save(f, images)
     write_json(folder / "samples.json", {**record, "made": {"images": stats.images, "seconds": stats.seconds,
-                                                            "cost": stats.cost, "latents": asdict(stats.latents)}})
+                                                            "cost": stats.cost, "latents": asdict(stats.latents),
+                                                            "codes": asdict(stats.codes)}})
     return images
 
 

@@ -72,13 +72,66 @@ def latent_comparison(sampled: LatentStats, data: LatentStats) -> dict:
 
 
 @dataclass
+class CodeStats:
+    """How often each code was sampled, over every token: the vq counterpart of LatentStats. On data with a plain
+    background (ShapesT2I) the background is one code, so the tokens that are not it are the paint, and a sampler
+    that paints twice what the data holds can raise GenEval without drawing better (docs/recipe.md, 9b)."""
+
+    images: int = 0
+    counts: list[int] = field(default_factory=list)  # counts[c] = tokens of code c
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """(B, L) integer codes."""
+        self.counts = _add_counts(self.counts, torch.bincount(tokens.detach().flatten().long().cpu()).tolist())
+        self.images += tokens.shape[0]
+
+    def merged(self, other: "CodeStats") -> "CodeStats":
+        return CodeStats(self.images + other.images, _add_counts(self.counts, other.counts))
+
+    def other_than(self, code: int) -> float:
+        """Tokens per image that are not `code` (0 before any image)."""
+        if not self.images:
+            return 0.0
+        total = sum(self.counts)
+        return (total - (self.counts[code] if code < len(self.counts) else 0)) / self.images
+
+
+def _add_counts(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two count lists of any lengths."""
+    n = max(len(a), len(b))
+    return [x + y for x, y in zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))]
+
+
+@torch.no_grad()
+def data_code_stats(tokenizer: Any, images: Sequence[torch.Tensor] | Iterator[torch.Tensor]) -> CodeStats:
+    """The codes of real uint8 image batches (B, 3, H, W), encoded as training sees them."""
+    stats = CodeStats()
+    for batch in images:
+        stats.add(tokenizer.encode(batch.to(tokenizer.device).float() / 127.5 - 1))
+    return stats
+
+
+def paint_comparison(sampled: CodeStats, data: CodeStats) -> dict:
+    """Non-background tokens per image, sampled against data, the background being the data's commonest code
+    (ties: the smallest), and their ratio (~1 when the sampler paints as much as the data holds)."""
+    if not data.images or not sampled.images:
+        return {}
+    background = max(range(len(data.counts)), key=lambda c: (data.counts[c], -c))
+    s, d = sampled.other_than(background), data.other_than(background)
+    return {"background_code": background, "sampled_per_image": s, "data_per_image": d,
+            "ratio": s / d if d > 0 else None, "sampled_images": sampled.images, "data_images": data.images}
+
+
+@dataclass
 class SamplingStats:
-    """Wall time and model cost of one generation pass, per image; moments of the latents when continuous."""
+    """Wall time and model cost of one generation pass, per image; moments of the latents when continuous, the
+    count of each code when discrete."""
 
     images: int = 0
     seconds: float = 0.0
     cost: dict = field(default_factory=dict)
     latents: LatentStats = field(default_factory=LatentStats)
+    codes: CodeStats = field(default_factory=CodeStats)
 
     def summary(self) -> dict:
         per_image = self.seconds / max(self.images, 1)
@@ -136,6 +189,8 @@ def generate(run: Any, captions: Sequence[str], settings: SamplingSettings, stat
             stats.seconds += time.perf_counter() - t0
             if tokens.is_floating_point():
                 stats.latents.add(tokens)
+            else:
+                stats.codes.add(tokens)
         bar.update(len(wanted))
         for i in wanted:
             yield start + i, images[i]

@@ -103,6 +103,7 @@ def write_report(sweep_dir: str | Path, table: pd.DataFrame | None = None, offse
         text += isoflop_report.section(analyses, isoflop_report.draw(analyses, points, sweep_dir), intermediate)
     text += _quality_section(table, ceilings, figures)
     text += _latents_section(table, sweep_dir)
+    text += _paint_section(table, sweep_dir)
     text += _context_section(table, sweep_dir)
     text += _samples_section(table, sweep_dir)
     missing = [c for c in ("fid", "geneval_overall", "clip_score") if table[c].isna().all()]
@@ -197,6 +198,7 @@ def _quality_section(table: pd.DataFrame, ceilings: dict[str, dict], figures: di
 
 
 LATENT_STD_TOLERANCE = 0.25  # sampled latent std within 25% of the data's: the sampler stays in distribution
+PAINT_TOLERANCE = 0.25  # vq: non-background tokens per sampled image within 25% of the data's
 
 
 def _run_label(r: pd.Series) -> str:
@@ -224,6 +226,29 @@ def _latents_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
             f"{LATENT_STD_TOLERANCE:.0%} of the data's.", "",
             markdown_table(["run", "sampled std", "data std", "ratio", "sampled mean abs", "data mean abs",
                             "sampled max abs", "data max abs", "in distribution"], rows), ""]
+
+
+def _paint_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:
+    """vq runs on a plain background: non-background tokens per image sampled for FID beside the data's
+    (eval/fid.json, `paint`)."""
+    rows = []
+    for _, r in table.iterrows():
+        paint = _read_json(sweep_dir / "runs" / str(r["run"]) / "eval" / "fid.json").get("paint")
+        if not paint:
+            continue
+        ratio = paint.get("ratio")
+        ok = ratio is not None and abs(ratio - 1) <= PAINT_TOLERANCE
+        rows.append([_run_label(r), paint["sampled_per_image"], paint["data_per_image"], ratio,
+                     "yes" if ok else ("**more**" if ratio is not None and ratio > 1 else "**less**")])
+    if not rows:
+        return []
+    return ["## vq sampler: paint against the data's", "",
+            "Tokens per image that are not the background code (the commonest code of the real images, a plain "
+            "background being one code), in the images sampled for FID against the same real images encoded. A "
+            "model that paints twice what the data holds can score GenEval by chance hits among its blobs "
+            "(docs/recipe.md, section 9b); one that paints too little leaves objects out. As much as the data: "
+            f"within {PAINT_TOLERANCE:.0%}.", "",
+            markdown_table(["run", "sampled per image", "data per image", "ratio", "as much as the data"], rows), ""]
 
 
 def _context_section(table: pd.DataFrame, sweep_dir: Path) -> list[str]:

@@ -95,3 +95,8 @@ def test_two_sweeps_from_clean_results_measure_the_same(tmp_path, monkeypatch):
     assert latents["data"]["std"] > 0 and latents["sampled"]["values"] == 16 * 64 * token_dim  # FID's 16 samples
     assert latents["std_ratio"] == latents["sampled"]["std"] / latents["data"]["std"]
     assert "latents" not in a["runs/vq-random-cpu-xs/eval/fid.json"]
+    # ...and vq runs their non-background tokens per image beside the same real images' (the real tokenizer)
+    paint = a["runs/vq-random-cpu-xs/eval/fid.json"]["paint"]
+    assert paint["sampled_images"] == 16 and paint["data_images"] == 16 and paint["data_per_image"] > 0
+    assert paint["ratio"] == paint["sampled_per_image"] / paint["data_per_image"]
+    assert "paint" not in a["runs/kl-raster-cpu-xs/eval/fid.json"]

@@ -168,6 +168,20 @@ def test_report_shows_each_kl_runs_sampled_latents_beside_the_data(tmp_path):
     assert "| kl-raster S | 480 | 1 | 480 |" in section and section.count("**no**") == 1
 
 
+def test_report_shows_each_vq_runs_paint_beside_the_data(tmp_path):
+    table = fixture_table()
+    table.to_csv(tmp_path / "runs.csv", index=False)
+    for run, per_image in (("vq-random-S", 10.5), ("vq-raster-S", 20.4)):  # as much as the data, and twice
+        (tmp_path / "runs" / run / "eval").mkdir(parents=True)
+        paint = {"background_code": 3, "sampled_per_image": per_image, "data_per_image": 9.7,
+                 "ratio": per_image / 9.7, "sampled_images": 500, "data_images": 500}
+        (tmp_path / "runs" / run / "eval" / "fid.json").write_text(json.dumps({"fid": 1.0, "paint": paint}))
+    text = write_report(tmp_path, n_boot=20).read_text()
+    section = text.split("## vq sampler")[1].split("##")[0]
+    assert "| vq-random S | 10.5 | 9.7 |" in section and section.count("| yes |") == 1
+    assert "| vq-raster S | 20.4 | 9.7 |" in section and section.count("**more**") == 1
+
+
 def test_a_second_seed_is_named_in_the_tables_and_the_grid_is_seed_zeros(tmp_path):
     table = fixture_table().assign(seed=0)
     extra = table[table["run"] == "kl-random-S"].assign(run="kl-random-S-seed1", seed=1, geneval_overall=0.777)

@@ -129,6 +129,32 @@ def test_latent_moments_add_up_over_batches_and_interrupted_evaluations():
     assert LatentStats().summary() == {}
 
 
+def test_code_counts_add_up_and_paint_is_counted_against_the_datas_background():
+    from eval.sampling import CodeStats, paint_comparison
+
+    data = CodeStats()
+    data.add(torch.tensor([[7, 7, 7, 2], [7, 7, 3, 3]]))  # background code 7; 1 and 2 other tokens
+    assert data.images == 2 and data.counts[7] == 5 and data.other_than(7) == 1.5
+    whole, parts = CodeStats(), [CodeStats(), CodeStats()]
+    sampled = torch.tensor([[7, 1, 1, 1], [7, 7, 7, 7], [9, 9, 9, 9]])  # a code the data never had (9)
+    whole.add(sampled)
+    parts[0].add(sampled[:1])
+    parts[1].add(sampled[1:])
+    assert parts[0].merged(parts[1]) == whole and len(whole.counts) == 10
+    paint = paint_comparison(whole, data)
+    assert paint["background_code"] == 7
+    assert paint["sampled_per_image"] == pytest.approx(7 / 3) and paint["data_per_image"] == 1.5
+    assert paint["ratio"] == pytest.approx((7 / 3) / 1.5)
+    # ties of the commonest code: the smallest; no images yet: nothing to compare
+    tied = CodeStats()
+    tied.add(torch.tensor([[4, 4, 2, 2]]))
+    assert paint_comparison(whole, tied)["background_code"] == 2
+    assert paint_comparison(CodeStats(), data) == {}
+    from harness.data import profile
+
+    assert profile("shapes").plain_background and not profile("coco").plain_background  # where eval fid counts it
+
+
 def test_data_latents_of_a_normalised_kl_tokenizer_have_unit_std():
     from eval.sampling import LatentStats, data_latent_stats, latent_comparison
     from variants.tokenizer_train import TokenizerTrainConfig, _estimate_normalisation, build_tokenizer

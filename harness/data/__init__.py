@@ -52,6 +52,7 @@ class DataProfile:
     prompt_file: str | None         # its own GenEval prompt file inside the data folder (None: GenEval's official)
     reference_n: int | None = None  # images of its FID reference by default (None: the whole split)
     fid_floor: bool = False         # eval fid also scores real images of the other split (the real-vs-real floor)
+    plain_background: bool = False  # every image's background is one flat colour: one vq code (eval fid's paint)
 
     def prompts(self, path: str | Path) -> Path | None:
         """The GenEval prompt file that goes with data at `path`, or None for GenEval's official prompts."""
@@ -63,7 +64,7 @@ _WEB = dict(open=_open_wds, native_size=False, extractor="inception", detector="
 PROFILES = {
     "shapes": DataProfile("shapes", _open_shapes, native_size=True, extractor="shapes", detector="shapes-oracle",
                           trains_extractor=True, scene_oracle=True, prompt_file="geneval_metadata.jsonl",
-                          fid_floor=True),
+                          fid_floor=True, plain_background=True),
     "coco": DataProfile("coco", _open_coco, native_size=False, extractor="inception", detector="mmdet",
                         trains_extractor=False, scene_oracle=False, prompt_file=None, reference_n=30000),  # COCO-30K
     "wds": DataProfile("wds", **_WEB),
