@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -230,18 +230,22 @@ def eval_fid(run_dir: str | Path, *, n: int | None = None, split: str | None = N
     if stats.latents.n and hasattr(run.tokenizer, "encode_moments"):
         from eval.sampling import data_latent_stats, latent_comparison
 
-        m = min(n, 1000)  # moments settle long before COCO-30K's 30,000 encodes would finish
-        real = (torch.stack([dataset[i][0] for i in range(k, min(k + 64, m))]) for k in range(0, m, 64))
-        result["latents"] = latent_comparison(stats.latents, data_latent_stats(run.tokenizer, real, seed))
+        result["latents"] = latent_comparison(stats.latents,
+                                              data_latent_stats(run.tokenizer, _real_batches(dataset, n), seed))
     # discrete tokens on a plain background: non-background codes per image, sampled against the same real images
     if stats.codes.images and getattr(run.tokenizer, "kind", None) == "vq" and profile(kind).plain_background:
         from eval.sampling import data_code_stats, paint_comparison
 
-        m = min(n, 1000)
-        real = (torch.stack([dataset[i][0] for i in range(k, min(k + 64, m))]) for k in range(0, m, 64))
-        result["paint"] = paint_comparison(stats.codes, data_code_stats(run.tokenizer, real))
+        result["paint"] = paint_comparison(stats.codes, data_code_stats(run.tokenizer, _real_batches(dataset, n)))
     write_json(Path(run_dir) / "eval" / result_file, result)
     return result
+
+
+def _real_batches(dataset: Any, n: int, limit: int = 1000) -> Iterator[torch.Tensor]:
+    """uint8 batches (64, 3, H, W) of the first min(n, limit) real images, for the token statistics beside the
+    samples' (moments and code counts settle long before COCO-30K's 30,000 encodes would finish)."""
+    m = min(n, limit)
+    return (torch.stack([dataset[i][0] for i in range(k, min(k + 64, m))]) for k in range(0, m, 64))
 
 
 def _real_floor(kind: str, path: Any, split: str, n: int, seed: int, resolution: int, ext: Any, cache_dir: Any,

@@ -88,6 +88,10 @@ class CodeStats:
     def merged(self, other: "CodeStats") -> "CodeStats":
         return CodeStats(self.images + other.images, _add_counts(self.counts, other.counts))
 
+    def commonest(self) -> int:
+        """The code seen most often (ties: the smallest): on a plain-background data set, the background."""
+        return max(range(len(self.counts)), key=lambda c: (self.counts[c], -c))
+
     def other_than(self, code: int) -> float:
         """Tokens per image that are not `code` (0 before any image)."""
         if not self.images:
@@ -116,7 +120,7 @@ def paint_comparison(sampled: CodeStats, data: CodeStats) -> dict:
     (ties: the smallest), and their ratio (~1 when the sampler paints as much as the data holds)."""
     if not data.images or not sampled.images:
         return {}
-    background = max(range(len(data.counts)), key=lambda c: (data.counts[c], -c))
+    background = data.commonest()
     s, d = sampled.other_than(background), data.other_than(background)
     return {"background_code": background, "sampled_per_image": s, "data_per_image": d,
             "ratio": s / d if d > 0 else None, "sampled_images": sampled.images, "data_images": data.images}
